@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
+export SLIMSERVE_PRELOAD_MODELS ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
+
+.PHONY: install run test bench models clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and alone: pinned to the CPU wheel, so nothing later can pull a CUDA build.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+models: $(STAMP)
+	@test -f models/digits_cnn.onnx -a -f models/digits_mlp.onnx -a -f models/tiny_transformer.onnx \
+		|| $(PY) models/build_models.py --out models
+
+run: install models
+	$(VENV)/bin/slimserve serve
+
+test: install models
+	$(PY) -m pytest
+
+bench: install models
+	$(PY) benchmarks/serving.py
+
+clean:
+	rm -rf var .pytest_cache

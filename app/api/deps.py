@@ -1,0 +1,79 @@
+"""Typed access to the long-lived objects on app.state, and API-key checks."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.errors import Forbidden, Unauthorized
+from app.metrics import Metrics
+from app.services.inference import InferenceService
+from app.services.models import ModelService
+from app.settings import ApiKey, Settings
+from app.storage.artifacts import ArtifactStore
+
+
+class Authenticator:
+    """Checks `Authorization: Bearer <key>` or `X-API-Key`; every configured key is compared in constant time."""
+
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._keys = [(k, k.secret.encode()) for k in keys]
+        self.enabled = bool(keys)
+
+    def identify(self, request: Request) -> ApiKey | None:
+        if not self.enabled:
+            return None
+        presented = request.headers.get("x-api-key")
+        if presented is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            presented = token.strip() if scheme.lower() == "bearer" else None
+        if not presented:
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+        candidate = presented.encode()
+        match = None
+        for key, secret in self._keys:
+            # No early exit: the time taken does not depend on which key matched.
+            if hmac.compare_digest(candidate, secret):
+                match = key
+        if match is None:
+            raise Unauthorized("the API key is not valid")
+        return match
+
+    def require(self, request: Request, role: str) -> ApiKey | None:
+        key = self.identify(request)
+        if key is not None and role == "admin" and key.role != "admin":
+            raise Forbidden(f"key {key.key_id} may only predict and read; this action needs an admin key")
+        return key
+
+
+@dataclass
+class Services:
+    settings: Settings
+    models: ModelService
+    inference: InferenceService
+    store: ArtifactStore
+    metrics: Metrics
+    auth: Authenticator
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def require_reader(request: Request) -> ApiKey | None:
+    return get_services(request).auth.require(request, "predict")
+
+
+def require_admin(request: Request) -> ApiKey | None:
+    return get_services(request).auth.require(request, "admin")
+
+
+Reader = Annotated[ApiKey | None, Depends(require_reader)]
+Admin = Annotated[ApiKey | None, Depends(require_admin)]

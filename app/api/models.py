@@ -1,0 +1,179 @@
+"""Model management routes: upload, list, inspect, delete; variants and datasets of a model."""
+
+from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+
+from app.api.deps import Admin, Reader, ServicesDep
+from app.api.multipart import UploadForm, read_upload_form
+from app.api.schemas import (
+    DatasetPublic,
+    DatasetsPublic,
+    ModelPublic,
+    ModelsPublic,
+    VariantPublic,
+    VariantsPublic,
+    dataset_public,
+    model_public,
+    variant_public,
+)
+from app.errors import Conflict, InvalidInput, VariantNotFound
+from app.services.models import MODEL_SUFFIX, ORIGINAL, IncomingFile
+
+router = APIRouter(tags=["models"])
+
+UPLOAD_FIELDS = {"file", "name", "samples"}
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "name"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The ONNX model (.onnx)"},
+                        "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
+                                 "example": "mymodel"},
+                        "samples": {"type": "string", "format": "binary",
+                                    "description": ".npz with one array per input (+ optional labels); "
+                                                   "stored as the model's first dataset"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _incoming(form: UploadForm, field: str) -> IncomingFile | None:
+    upload = form.files.get(field)
+    return IncomingFile(filename=upload.filename, temp=upload.temp) if upload else None
+
+
+def _check_fields(form: UploadForm, required: set[str], accepted: set[str]) -> None:
+    unknown = (set(form.fields) | set(form.files)) - accepted
+    if unknown:
+        raise InvalidInput(
+            f"unknown form field(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(accepted))}"
+        )
+    for name in sorted(required):
+        if name not in form.fields and name not in form.files:
+            raise InvalidInput(f"form field '{name}' is required")
+
+
+@router.post("/models", status_code=HTTPStatus.CREATED, response_model=ModelPublic, openapi_extra=_UPLOAD_DOC)
+async def upload_model(request: Request, services: ServicesDep, _key: Admin) -> ModelPublic:
+    """Upload a model; it is validated completely and stored only if every check passes."""
+    form = await read_upload_form(
+        request, store=services.store, file_fields={"file", "samples"},
+        max_bytes=services.settings.max_upload_bytes,
+    )
+    try:
+        _check_fields(form, {"file", "name"}, UPLOAD_FIELDS)
+        if "name" in form.files or "file" in form.fields:
+            raise InvalidInput("'file' must be a file and 'name' a text field")
+        model_file = _incoming(form, "file")
+        assert model_file is not None
+        row = await asyncio.to_thread(
+            services.models.create, name=form.fields["name"], model=model_file, samples=_incoming(form, "samples")
+        )
+    finally:
+        form.discard()
+    return model_public(row)
+
+
+@router.get("/models", response_model=ModelsPublic)
+async def list_models(services: ServicesDep, _key: Reader) -> ModelsPublic:
+    """List every model with its variants, routing and datasets."""
+    rows = await asyncio.to_thread(services.models.list)
+    return ModelsPublic(models=[model_public(r) for r in rows])
+
+
+@router.get("/models/{name}", response_model=ModelPublic)
+async def get_model(name: str, services: ServicesDep, _key: Reader) -> ModelPublic:
+    """One model."""
+    return model_public(await asyncio.to_thread(services.models.get, name))
+
+
+@router.delete("/models/{name}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)
+async def delete_model(name: str, services: ServicesDep, _key: Admin) -> Response:
+    """Delete a model with its variants, datasets and files."""
+    served = await asyncio.to_thread(services.models.delete, name)
+    services.inference.forget(served)
+    services.metrics.forget_model(name)
+    return Response(status_code=HTTPStatus.NO_CONTENT)
+
+
+@router.get("/models/{name}/variants", response_model=VariantsPublic)
+async def list_variants(name: str, services: ServicesDep, _key: Reader) -> VariantsPublic:
+    """Every variant of a model, the original first."""
+    row = await asyncio.to_thread(services.models.get, name)
+    return VariantsPublic(variants=[variant_public(v) for v in row.variants])
+
+
+@router.get("/models/{name}/variants/{variant}", response_model=VariantPublic)
+async def get_variant(name: str, variant: str, services: ServicesDep, _key: Reader) -> VariantPublic:
+    """One variant with its report."""
+    row = await asyncio.to_thread(services.models.get, name)
+    for candidate in row.variants:
+        if candidate.name == variant:
+            return variant_public(candidate)
+    raise VariantNotFound(name, variant)
+
+
+@router.get("/models/{name}/variants/{variant}/artifact", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The ONNX file"}})
+async def download_variant(name: str, variant: str, services: ServicesDep, _key: Reader) -> FileResponse:
+    """Download the ONNX file of a variant."""
+    row = await asyncio.to_thread(services.models.get, name)
+    for candidate in row.variants:
+        if candidate.name == variant:
+            path = services.store.path(candidate.sha256, MODEL_SUFFIX)
+            return FileResponse(path, media_type="application/octet-stream",
+                                filename=f"{name}-{variant}{MODEL_SUFFIX}")
+    raise VariantNotFound(name, variant)
+
+
+@router.delete("/models/{name}/variants/{variant}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)
+async def delete_variant(name: str, variant: str, services: ServicesDep, _key: Admin) -> Response:
+    """Delete a compressed variant (never the original, nor the variant that routing sends traffic to)."""
+    if variant == ORIGINAL:
+        raise Conflict("the original variant cannot be deleted; delete the model instead")
+    served = await asyncio.to_thread(services.models.delete_variant, name, variant)
+    services.inference.forget(served)
+    return Response(status_code=HTTPStatus.NO_CONTENT)
+
+
+@router.post("/models/{name}/datasets", status_code=HTTPStatus.CREATED, response_model=DatasetPublic,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["file"], "properties": {
+                     "file": {"type": "string", "format": "binary",
+                              "description": ".npz: one array per model input, optional 'labels'"},
+                     "name": {"type": "string", "example": "calibration"}}}}}}})
+async def upload_dataset(name: str, request: Request, services: ServicesDep, _key: Admin) -> DatasetPublic:
+    """Attach a dataset (.npz) to a model, checked against the model's inputs."""
+    form = await read_upload_form(
+        request, store=services.store, file_fields={"file"}, max_bytes=services.settings.max_upload_bytes
+    )
+    try:
+        _check_fields(form, {"file"}, {"file", "name"})
+        upload = _incoming(form, "file")
+        assert upload is not None
+        row = await asyncio.to_thread(
+            services.models.add_dataset, model_name=name, upload=upload, name=form.fields.get("name")
+        )
+    finally:
+        form.discard()
+    return dataset_public(row)
+
+
+@router.get("/models/{name}/datasets", response_model=DatasetsPublic)
+async def list_datasets(name: str, services: ServicesDep, _key: Reader) -> DatasetsPublic:
+    """Datasets of a model."""
+    rows = await asyncio.to_thread(services.models.list_datasets, name)
+    return DatasetsPublic(datasets=[dataset_public(d) for d in rows])

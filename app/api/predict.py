@@ -1,0 +1,33 @@
+"""Plain JSON predictions: nested lists in, nested lists out."""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.body import read_body
+from app.api.deps import Services
+
+router = APIRouter(tags=["predictions"])
+
+
+@router.post("/models/{name}/predict", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "required": ["inputs"], "properties": {
+            "inputs": {"type": "object", "description": "input name -> nested list (a bare list for single-input models)"},
+            "variant": {"type": "string", "description": "serve this variant, whatever the routing says"}}},
+        "example": {"inputs": {"input": [[0.0] * 64]}}}}},
+    "responses": {"200": {"description": "Outputs as nested lists", "content": {"application/json": {"example": {
+        "model": "digits", "variant": "original", "outputs": {"logits": [[0.1] * 10]}, "latency_ms": 0.4}}}}},
+})
+async def predict(request: Request, name: str) -> Response:
+    """Predict with plain JSON; `variant` picks a variant, otherwise routing decides."""
+    started = perf_counter()
+    services: Services = request.app.state.services
+    if services.auth.enabled:
+        services.auth.require(request, "predict")
+    body = await read_body(request, services.settings.max_request_bytes)
+    prediction = await services.inference.predict(name=name, body=body, started=started)
+    headers = {"Server-Timing": prediction.server_timing(), "X-Variant": prediction.variant}
+    return Response(prediction.body, media_type="application/json", headers=headers)

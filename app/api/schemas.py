@@ -1,0 +1,93 @@
+"""Response models of the management API, built from table rows; they document the contract in /docs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from app.storage.tables import DatasetRow, ModelRow, VariantRow
+
+
+class TensorPublic(BaseModel):
+    name: str = Field(examples=["input"])
+    datatype: str = Field(description="Open Inference Protocol datatype", examples=["FP32"])
+    shape: list[int] = Field(description="-1 marks a dynamic dimension", examples=[[-1, 1, 8, 8]])
+
+
+class VariantPublic(BaseModel):
+    name: str = Field(examples=["original"])
+    recipe: dict[str, Any] | None = Field(description="The recipe that produced it; null for the original")
+    parent: str | None = Field(description="The variant it was made from")
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    report: dict[str, Any] | None = Field(description="Measured size, latency and fidelity against the original")
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str = Field(examples=["samples"])
+    samples: int = Field(description="Number of samples (first dimension of every array)")
+    has_labels: bool
+    created_at: datetime
+
+
+class RoutingPublic(BaseModel):
+    default: str = Field(examples=["original"])
+    canary: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None
+
+
+class ModelPublic(BaseModel):
+    name: str = Field(examples=["digits"])
+    state: str = Field(description="ready | converting | failed", examples=["ready"])
+    warnings: list[str]
+    format: str = Field(examples=["onnx"])
+    sha256: str = Field(description="sha256 of the uploaded file")
+    size_bytes: int
+    created_at: datetime
+    inputs: list[TensorPublic]
+    outputs: list[TensorPublic]
+    opset: int | None = Field(description="Version of the default ONNX operator set")
+    parameters: int | None = Field(description="Number of weights (elements of all initializers)")
+    variants: list[VariantPublic]
+    routing: RoutingPublic
+    datasets: list[DatasetPublic]
+
+
+class ModelsPublic(BaseModel):
+    models: list[ModelPublic]
+
+
+class DatasetsPublic(BaseModel):
+    datasets: list[DatasetPublic]
+
+
+class VariantsPublic(BaseModel):
+    variants: list[VariantPublic]
+
+
+def variant_public(row: VariantRow) -> VariantPublic:
+    return VariantPublic(
+        name=row.name, recipe=row.recipe, parent=row.parent, sha256=row.sha256, size_bytes=row.size_bytes,
+        created_at=row.created_at, report=row.report,
+    )
+
+
+def dataset_public(row: DatasetRow) -> DatasetPublic:
+    return DatasetPublic(id=row.id, name=row.name, samples=row.samples, has_labels=row.has_labels,
+                         created_at=row.created_at)
+
+
+def model_public(row: ModelRow) -> ModelPublic:
+    return ModelPublic(
+        name=row.name, state=row.state, warnings=list(row.warnings), format=row.format, sha256=row.sha256,
+        size_bytes=row.size_bytes, created_at=row.created_at,
+        inputs=[TensorPublic(**t) for t in row.inputs], outputs=[TensorPublic(**t) for t in row.outputs],
+        opset=row.opset, parameters=row.parameters,
+        variants=[variant_public(v) for v in row.variants],
+        routing=RoutingPublic(**row.routing),
+        datasets=[dataset_public(d) for d in row.datasets],
+    )

@@ -1,0 +1,120 @@
+"""Open Inference Protocol (KServe V2) REST: health, server and model metadata, inference."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from time import perf_counter
+from typing import Any
+
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.body import read_body
+from app.api.deps import Reader, Services, ServicesDep
+from app.api.responses import OrjsonResponse
+
+router = APIRouter(tags=["open inference protocol"])
+
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON inference request, or a JSON header followed by raw tensors (binary tensor "
+                       "extension) when the Inference-Header-Content-Length header is set.",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+                "id": {"type": "string"},
+                "inputs": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+                    "datatype": {"type": "string", "example": "FP32"}, "data": {"type": "array", "items": {}},
+                    "parameters": {"type": "object"}}}},
+                "outputs": {"type": "array", "items": {"type": "object"}},
+                "parameters": {"type": "object"}},
+            }, "example": {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {"200": {"description": "Outputs, JSON or JSON header + binary tensors",
+                          "headers": {"Server-Timing": {"schema": {"type": "string"}},
+                                      "X-Variant": {"schema": {"type": "string"}}}}},
+}
+
+
+def _server_version() -> str:
+    try:
+        return version("slimserve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@router.get("/v2")
+async def server_metadata() -> OrjsonResponse:
+    """Server name, version and protocol extensions."""
+    return OrjsonResponse({"name": "slimserve", "version": _server_version(), "extensions": ["binary_tensor_data"]})
+
+
+@router.get("/v2/health/live")
+async def live() -> OrjsonResponse:
+    """The process is up."""
+    return OrjsonResponse({"live": True})
+
+
+@router.get("/v2/health/ready")
+async def ready(request: Request) -> OrjsonResponse:
+    """Start-up finished: models can be served."""
+    is_ready = bool(getattr(request.app.state, "ready", False))
+    return OrjsonResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+@router.get("/v2/models/{name}")
+async def model_metadata(name: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+    """Inputs, outputs and versions (variants) of a model."""
+    return OrjsonResponse(await services.inference.describe(name, None))
+
+
+@router.get("/v2/models/{name}/versions/{variant}")
+async def variant_metadata(name: str, variant: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+    """Metadata of one variant."""
+    return OrjsonResponse(await services.inference.describe(name, variant))
+
+
+@router.get("/v2/models/{name}/ready")
+async def model_ready(name: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+    """200 when the model can serve predictions."""
+    await services.inference.describe(name, None)
+    return OrjsonResponse({"name": name, "ready": True})
+
+
+@router.get("/v2/models/{name}/versions/{variant}/ready")
+async def variant_ready(name: str, variant: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+    """200 when the variant can serve predictions."""
+    await services.inference.describe(name, variant)
+    return OrjsonResponse({"name": name, "version": variant, "ready": True})
+
+
+async def _infer(request: Request, name: str, variant: str | None) -> Response:
+    started = perf_counter()
+    services: Services = request.app.state.services
+    if services.auth.enabled:
+        services.auth.require(request, "predict")
+    body = await read_body(request, services.settings.max_request_bytes)
+    prediction = await services.inference.infer_v2(
+        name=name, variant=variant, body=body,
+        header_length=request.headers.get("inference-header-content-length"), started=started,
+    )
+    headers = {"Server-Timing": prediction.server_timing(), "X-Variant": prediction.variant}
+    if prediction.header_length is None:
+        return Response(prediction.body, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(prediction.header_length)
+    return Response(prediction.body, media_type="application/octet-stream", headers=headers)
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC)
+async def infer(request: Request, name: str) -> Response:
+    """Run the model; routing picks the variant."""
+    return await _infer(request, name, None)
+
+
+@router.post("/v2/models/{name}/versions/{variant}/infer", openapi_extra=_INFER_DOC)
+async def infer_variant(request: Request, name: str, variant: str) -> Response:
+    """Run one variant, whatever the routing says."""
+    return await _infer(request, name, variant)

@@ -1,0 +1,110 @@
+"""Composition root: `create_app(settings)` builds every long-lived object in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from app.api import health, models, predict, v2
+from app.api.deps import Authenticator, Services
+from app.api.errors import install_error_handlers
+from app.errors import Conflict, ModelNotFound
+from app.metrics import Metrics
+from app.runtime.codecs import Limits
+from app.runtime.sessions import SessionCache, SessionConfig
+from app.services.catalog import Catalog
+from app.services.inference import InferenceService
+from app.services.models import IncomingFile, ModelService
+from app.settings import PreloadModel, Settings
+from app.storage.artifacts import ArtifactStore
+from app.storage.db import make_engine, make_session_factory, migrate
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url)
+        await asyncio.to_thread(migrate, engine)
+        session_factory = make_session_factory(engine)
+        store = ArtifactStore(settings.data_dir)
+        store.clean_leftovers()
+        catalog = Catalog(session_factory, settings.catalog_ttl_seconds)
+        sessions = SessionCache(SessionConfig(
+            intra_op_threads=settings.intra_op_threads,
+            providers=tuple(settings.execution_providers),
+            max_concurrent=settings.max_concurrent_inferences,
+            inline_max_seconds=settings.inline_inference_max_ms / 1e3,
+        ))
+        metrics = Metrics()
+        model_service = ModelService(
+            session_factory=session_factory, store=store, catalog=catalog, providers=settings.execution_providers
+        )
+        inference = InferenceService(
+            catalog=catalog, sessions=sessions, store=store, metrics=metrics,
+            limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
+        )
+        app.state.services = Services(
+            settings=settings, models=model_service, inference=inference, store=store, metrics=metrics,
+            auth=Authenticator(settings.api_keys),
+        )
+        for name, preload in settings.preload_models.items():
+            await asyncio.to_thread(_preload, model_service, store, name, preload)
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            sessions.close()
+            store.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="SlimServe",
+        summary="Upload a model, compress it, measure it, serve it over the Open Inference Protocol.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(v2.router)
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app
+
+
+def _preload(service: ModelService, store: ArtifactStore, name: str, preload: PreloadModel) -> None:
+    """Register a bundled model under `name` unless a model of that name exists already."""
+    try:
+        service.get(name)
+        return
+    except ModelNotFound:
+        pass
+    model = _copy_to_temp(store, preload.file)
+    samples = _copy_to_temp(store, preload.samples) if preload.samples else None
+    try:
+        service.create(name=name, model=model, samples=samples)
+        log.info("preloaded model %s from %s", name, preload.file)
+    except Conflict:
+        pass  # another replica registered it first
+    finally:
+        model.temp.discard()
+        if samples is not None:
+            samples.temp.discard()
+
+
+def _copy_to_temp(store: ArtifactStore, path: Path) -> IncomingFile:
+    temp = store.open_temp(max_bytes=path.stat().st_size + 1, what=str(path))
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            temp.write(chunk)
+    return IncomingFile(filename=path.name, temp=temp)

@@ -1,0 +1,102 @@
+"""Every Prometheus metric of the service, defined once, with cached label children for the hot path."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The service's metrics on one registry, so that each app built in a test has its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "slimserve_request_duration_seconds", "Time in the server per prediction request.",
+            ["model", "variant", "protocol"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "slimserve_inference_duration_seconds", "Model compute time per prediction.",
+            ["model", "variant"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_duration = Histogram(
+            "slimserve_queue_duration_seconds", "Time a prediction waited before compute.",
+            ["model", "variant"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "slimserve_requests", "Prediction requests by outcome.",
+            ["model", "variant", "protocol", "code"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "slimserve_batch_size", "Rows in each onnxruntime call.",
+            ["model", "variant"], buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.model_size = Gauge(
+            "slimserve_model_size_bytes", "Size of each served model variant.",
+            ["model", "variant"], registry=r, multiprocess_mode="max",
+        )
+        self._ok_children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+    def observe_success(
+        self, *, model: str, variant: str, protocol: str, total_s: float, queue_s: float, infer_s: float,
+        rows: int,
+    ) -> None:
+        key = (model, variant, protocol)
+        children = self._ok_children.get(key)
+        if children is None:
+            # labels() costs a dict lookup and a lock per call; the hot path reuses the children.
+            children = (
+                self.request_duration.labels(model, variant, protocol),
+                self.inference_duration.labels(model, variant),
+                self.queue_duration.labels(model, variant),
+                self.requests.labels(model, variant, protocol, "200"),
+                self.batch_size.labels(model, variant),
+            )
+            self._ok_children[key] = children
+        req, inf, queue, count, batch = children
+        req.observe(total_s)
+        inf.observe(infer_s)
+        queue.observe(queue_s)
+        count.inc()
+        batch.observe(rows)
+
+    def observe_failure(self, *, model: str, variant: str, protocol: str, code: int, total_s: float) -> None:
+        self.request_duration.labels(model, variant, protocol).observe(total_s)
+        self.requests.labels(model, variant, protocol, str(code)).inc()
+
+    def forget_model(self, model: str) -> None:
+        self._ok_children = {k: v for k, v in self._ok_children.items() if k[0] != model}
+        for metric in (self.request_duration, self.inference_duration, self.queue_duration,
+                       self.requests, self.batch_size, self.model_size):
+            for labels in list(_label_sets(metric)):
+                if labels and labels[0] == model:
+                    metric.remove(*labels)
+
+    def render(self) -> tuple[bytes, str]:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several server processes: each writes its own files, the scrape sums them.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _label_sets(metric: Any) -> list[tuple[str, ...]]:
+    with metric._lock:  # prometheus_client has no public way to list a metric's children
+        return list(metric._metrics.keys())

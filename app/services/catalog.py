@@ -1,0 +1,87 @@
+"""Per-process cache of what each model serves: specs, variants, routing; refreshed after a short TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import ModelNotFound, NotReady
+from app.runtime.datatypes import TensorSpec
+from app.storage import repositories
+from app.storage.tables import ModelRow
+
+
+@dataclass(frozen=True, slots=True)
+class VariantEntry:
+    name: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    state: str
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    routing: dict[str, Any]
+    variants: dict[str, VariantEntry]
+    loaded_at: float
+
+    @property
+    def default_variant(self) -> str:
+        return str(self.routing.get("default") or "original")
+
+
+def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
+    return ModelEntry(
+        name=row.name,
+        state=row.state,
+        inputs={spec["name"]: TensorSpec.from_json(spec) for spec in row.inputs},
+        outputs={spec["name"]: TensorSpec.from_json(spec) for spec in row.outputs},
+        routing=dict(row.routing),
+        variants={v.name: VariantEntry(v.name, v.sha256, v.size_bytes) for v in row.variants},
+        loaded_at=now,
+    )
+
+
+class Catalog:
+    """Reads models from the database at most once per TTL per process; writers invalidate at once."""
+
+    def __init__(self, session_factory: sessionmaker[Session], ttl_seconds: float) -> None:
+        self._session_factory = session_factory
+        self._ttl = ttl_seconds
+        self._entries: dict[str, ModelEntry] = {}
+
+    async def get(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None or time.monotonic() - entry.loaded_at > self._ttl:
+            try:
+                entry = await asyncio.to_thread(self.load, name)
+            except SQLAlchemyError:
+                if entry is None:
+                    raise NotReady("the metadata database is unavailable") from None
+                # Keep serving what this process knows; try the database again after another TTL.
+                entry = replace(entry, loaded_at=time.monotonic())
+                self._entries[name] = entry
+        if entry.state != "ready":
+            raise NotReady(f"model '{name}' is {entry.state}, not ready to serve")
+        return entry
+
+    def load(self, name: str) -> ModelEntry:
+        with self._session_factory() as session:
+            row = repositories.get_model(session, name=name)
+            if row is None:
+                self._entries.pop(name, None)
+                raise ModelNotFound(name)
+            entry = entry_from_row(row, time.monotonic())
+        self._entries[name] = entry
+        return entry
+
+    def invalidate(self, name: str) -> None:
+        self._entries.pop(name, None)

@@ -1,0 +1,153 @@
+"""Predictions: pick the variant, decode, run, encode, and record every request's latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from app.errors import InvalidContent, InvalidInput, SlimServeError, VariantNotFound
+from app.metrics import Metrics
+from app.runtime import codecs
+from app.runtime.sessions import LoadedSession, RunResult, SessionCache
+from app.services.catalog import Catalog, ModelEntry
+from app.storage.artifacts import ArtifactStore
+
+PROTOCOL_V2 = "v2"
+PROTOCOL_PREDICT = "predict"
+MODEL_SUFFIX = ".onnx"
+
+
+@dataclass(slots=True)
+class Prediction:
+    body: bytes
+    header_length: int | None
+    variant: str
+    queue_seconds: float
+    infer_seconds: float
+    total_seconds: float
+
+    def server_timing(self) -> str:
+        return (
+            f"queue;dur={self.queue_seconds * 1e3:.3f}, infer;dur={self.infer_seconds * 1e3:.3f}, "
+            f"total;dur={self.total_seconds * 1e3:.3f}"
+        )
+
+
+class InferenceService:
+    def __init__(
+        self, *, catalog: Catalog, sessions: SessionCache, store: ArtifactStore, metrics: Metrics,
+        limits: codecs.Limits,
+    ) -> None:
+        self._catalog = catalog
+        self._sessions = sessions
+        self._store = store
+        self._metrics = metrics
+        self._limits = limits
+
+    async def resolve(self, name: str, variant: str | None) -> tuple[ModelEntry, str, LoadedSession]:
+        entry = await self._catalog.get(name)
+        chosen = variant if variant is not None else entry.default_variant
+        target = entry.variants.get(chosen)
+        if target is None:
+            raise VariantNotFound(name, chosen)
+        loaded = self._sessions.get_loaded(target.sha256)
+        if loaded is None:
+            path = self._store.path(target.sha256, MODEL_SUFFIX)
+            loaded = await asyncio.to_thread(self._sessions.open, target.sha256, path, f"{name}/{chosen}")
+            self._metrics.model_size.labels(name, chosen).set(target.size_bytes)
+        return entry, chosen, loaded
+
+    async def describe(self, name: str, variant: str | None) -> dict[str, Any]:
+        """V2 model metadata; a variant is a version."""
+        entry = await self._catalog.get(name)
+        if variant is not None and variant not in entry.variants:
+            raise VariantNotFound(name, variant)
+        return {
+            "name": name,
+            "versions": [variant] if variant is not None else list(entry.variants),
+            "platform": "onnxruntime_onnx",
+            "inputs": [spec.to_json() for spec in entry.inputs.values()],
+            "outputs": [spec.to_json() for spec in entry.outputs.values()],
+        }
+
+    async def infer_v2(
+        self, *, name: str, variant: str | None, body: bytes, header_length: str | None, started: float
+    ) -> Prediction:
+        chosen = variant or ""
+        model_label = ""
+        try:
+            entry, chosen, loaded = await self.resolve(name, variant)
+            model_label = name
+            request = codecs.decode_v2(body, header_length, entry.inputs, self._limits)
+            codecs.check_requested_outputs(request, entry.outputs)
+            wanted = [o.name for o in request.outputs] if request.outputs is not None else None
+            result = await self._run(loaded, request.inputs, wanted, request.rows)
+            payload, header = codecs.encode_v2(
+                model=name, variant=chosen, request=request, names=result.names, results=result.arrays,
+                specs=entry.outputs,
+            )
+        except SlimServeError as exc:
+            self._metrics.observe_failure(model=model_label, variant=chosen if model_label else "",
+                                          protocol=PROTOCOL_V2, code=exc.status_code,
+                                          total_s=time.perf_counter() - started)
+            raise
+        return self._finish(name, chosen, PROTOCOL_V2, payload, header, result, request.rows, started)
+
+    async def predict(self, *, name: str, body: bytes, started: float) -> Prediction:
+        chosen = ""
+        model_label = ""
+        try:
+            payload_in = codecs.parse_json(body)
+            variant = payload_in.get("variant") if isinstance(payload_in, dict) else None
+            if variant is not None and not isinstance(variant, str):
+                raise InvalidInput("'variant' must be a string")
+            entry, chosen, loaded = await self.resolve(name, variant)
+            model_label = name
+            inputs = codecs.decode_predict(payload_in, entry.inputs, self._limits)
+            rows = codecs.count_rows(inputs, entry.inputs)
+            result = await self._run(loaded, inputs, None, rows)
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            response: dict[str, Any] = {
+                "model": name, "variant": chosen,
+                "outputs": codecs.encode_outputs_nested(result.names, result.arrays),
+                "latency_ms": round(elapsed_ms, 3),
+            }
+            payload = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+        except SlimServeError as exc:
+            self._metrics.observe_failure(model=model_label, variant=chosen if model_label else "",
+                                          protocol=PROTOCOL_PREDICT, code=exc.status_code,
+                                          total_s=time.perf_counter() - started)
+            raise
+        return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, rows, started)
+
+    async def _run(
+        self, loaded: LoadedSession, inputs: dict[str, Any], wanted: list[str] | None, rows: int
+    ) -> RunResult:
+        try:
+            return await self._sessions.run(loaded, inputs, wanted, rows)
+        except SlimServeError:
+            raise
+        except Exception as exc:
+            # Types and shapes were checked already, so what is left depends on the values sent.
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InvalidContent(f"the model failed on this input: {text}") from None
+
+    def _finish(
+        self, name: str, variant: str, protocol: str, payload: bytes, header: int | None, result: RunResult,
+        rows: int, started: float,
+    ) -> Prediction:
+        total = time.perf_counter() - started
+        self._metrics.observe_success(
+            model=name, variant=variant, protocol=protocol, total_s=total, queue_s=result.queue_seconds,
+            infer_s=result.infer_seconds, rows=rows,
+        )
+        return Prediction(payload, header, variant, result.queue_seconds, result.infer_seconds, total)
+
+    def forget(self, sha256s: list[str]) -> None:
+        for sha in sha256s:
+            self._sessions.evict(sha)
+

@@ -1,0 +1,134 @@
+"""Service configuration, read from `SLIMSERVE_*` environment variables; defaults run embedded."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+Role = Literal["admin", "predict"]
+
+
+class ApiKey(BaseModel):
+    """One configured key: its secret, its role and a short id that is safe to log."""
+
+    key_id: str
+    role: Role
+    secret: str
+
+
+class PreloadModel(BaseModel):
+    """A model registered at start-up when its name is not taken yet (the example model)."""
+
+    file: Path
+    samples: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SLIMSERVE_", env_nested_delimiter="__", extra="ignore", env_ignore_empty=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds to."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port the HTTP server listens on."""
+    data_dir: Path = Path("var")
+    """Directory for artifacts, temporary uploads and (by default) the SQLite database."""
+    database_url: str | None = None
+    """SQLAlchemy URL of the metadata database; default: SQLite file `<data_dir>/slimserve.db`."""
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
+    """Comma-separated keys, each `KEY` (admin) or `admin:KEY` / `predict:KEY`. Empty: no auth."""
+    allow_insecure: bool = False
+    """Allow binding to a non-loopback address without any API key."""
+    public_metrics: bool = True
+    """Serve `/metrics` without an API key."""
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    """Largest accepted model upload (whole multipart body), in bytes."""
+    max_request_bytes: int = Field(default=64 * 1024**2, gt=0)
+    """Largest accepted prediction request body, in bytes."""
+    max_batch_size: int = Field(default=1024, gt=0)
+    """Largest first dimension accepted in one prediction for models with a dynamic batch axis."""
+    max_tensor_elements: int = Field(default=16 * 1024**2, gt=0)
+    """Largest number of elements in one input tensor of a prediction."""
+    intra_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime intra-op threads per session (0: onnxruntime's default, all cores)."""
+    max_concurrent_inferences: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+    """Inferences running at once in this process (size of the inference thread pool)."""
+    inline_inference_max_ms: float = Field(default=0.2, ge=0)
+    """Models whose typical inference is faster than this run on the event loop: a thread hop costs more."""
+    execution_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"]
+    )
+    """onnxruntime execution providers in order of preference (comma-separated)."""
+    catalog_ttl_seconds: float = Field(default=1.0, ge=0)
+    """How long a process trusts its cached copy of a model's metadata and routing."""
+    preload_models: dict[str, PreloadModel] = Field(default_factory=dict)
+    """JSON `{name: {"file": path, "samples": path}}` of models registered at start-up if missing."""
+    log_level: str = "info"
+    """Log level of the server and the application loggers."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_api_keys(value)
+        return value
+
+    @field_validator("execution_providers", mode="before")
+    @classmethod
+    def _parse_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_network_without_keys(self) -> Settings:
+        if not self.api_keys and not self.allow_insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: set SLIMSERVE_API_KEYS, "
+                "or SLIMSERVE_ALLOW_INSECURE=1 to accept unauthenticated access"
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'slimserve.db').resolve()}"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+def parse_api_keys(raw: str) -> list[ApiKey]:
+    import hashlib
+
+    keys: list[ApiKey] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        role, sep, secret = entry.partition(":")
+        if not sep:
+            role, secret = "admin", entry
+        if role not in ("admin", "predict"):
+            raise ValueError(f"API key role must be 'admin' or 'predict', got {role!r}")
+        if len(secret) < 8:
+            raise ValueError("each API key must be at least 8 characters long")
+        # The id is a digest prefix so logs can say who acted without revealing the key.
+        key_id = hashlib.sha256(secret.encode()).hexdigest()[:12]
+        keys.append(ApiKey(key_id=key_id, role=role, secret=secret))  # type: ignore[arg-type]
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

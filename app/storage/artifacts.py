@@ -1,0 +1,168 @@
+"""Content-addressed artifact store: stream to a temp file, hash on the way, fsync, rename into place."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import hashlib
+import logging
+import os
+import re
+import socket
+import uuid
+from pathlib import Path
+
+from app.errors import InsufficientStorage, TooLarge
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SUFFIX = re.compile(r"^\.[a-z0-9]{1,8}$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("the server's storage is full; nothing was stored")
+    return exc
+
+
+class TempWriter:
+    """A temp file being written from a stream; knows its size and sha256 when closed."""
+
+    def __init__(self, path: Path, max_bytes: int, what: str) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._what = what
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._file = open(path, "xb")  # noqa: SIM115 - closed in close()/discard()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max_bytes:
+            raise TooLarge(f"{self._what} is larger than the limit of {self._max_bytes} bytes")
+        self._hash.update(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Flush and fsync, so that a rename after this never exposes a partial file."""
+        if self._file.closed:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        finally:
+            self._file.close()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class ArtifactStore:
+    """Files named by their sha256 under `<root>/artifacts`; temp files under `<root>/tmp`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._artifacts = self.root / "artifacts"
+        self._tmp = self.root / "tmp"
+        self._artifacts.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        # Each process holds a lock on its own token: a leftover whose lock can be taken is an orphan,
+        # whatever pid the next process happens to get (a container restarts as the same pid).
+        self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._owner_lock = open(self._tmp / f"{self._owner}.lock", "w")  # noqa: SIM115 - held for life
+        fcntl.flock(self._owner_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def path(self, sha256: str, suffix: str) -> Path:
+        if not _SHA256.match(sha256) or not _SUFFIX.match(suffix):
+            raise ValueError(f"not an artifact key: {sha256!r}{suffix!r}")
+        return self._artifacts / sha256[:2] / f"{sha256}{suffix}"
+
+    def exists(self, sha256: str, suffix: str) -> bool:
+        return self.path(sha256, suffix).is_file()
+
+    def open_temp(self, *, max_bytes: int, what: str) -> TempWriter:
+        path = self._tmp / f"{self._owner}.{uuid.uuid4().hex}.part"
+        try:
+            return TempWriter(path, max_bytes, what)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def commit(self, temp: TempWriter, suffix: str) -> Path:
+        """Move a closed, validated temp file into place under its hash (idempotent for equal content)."""
+        temp.close()
+        target = self.path(temp.sha256, suffix)
+        try:
+            if target.is_file() and target.stat().st_size == temp.size:
+                temp.discard()
+                return target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp.path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            temp.discard()
+            raise _storage_error(exc) from exc
+        return target
+
+    def write_bytes(self, data: bytes, suffix: str, what: str) -> tuple[str, Path]:
+        temp = self.open_temp(max_bytes=len(data) + 1, what=what)
+        try:
+            temp.write(data)
+            return temp.sha256, self.commit(temp, suffix)
+        except BaseException:
+            temp.discard()
+            raise
+
+    def remove(self, sha256: str, suffix: str) -> None:
+        self.path(sha256, suffix).unlink(missing_ok=True)
+
+    def clean_leftovers(self) -> int:
+        """Delete temp files left by processes of this host that are gone (crashed mid-upload)."""
+        prefix = f"{socket.gethostname()}-"
+        removed = 0
+        for lock_path in self._tmp.glob(f"{glob.escape(prefix)}*.lock"):
+            owner = lock_path.name[: -len(".lock")]
+            if owner == self._owner or not _owner_is_gone(lock_path):
+                continue
+            for leftover in self._tmp.glob(f"{glob.escape(owner)}.*.part"):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+            lock_path.unlink(missing_ok=True)
+        if removed:
+            log.info("removed %d temp files left by interrupted uploads", removed)
+        return removed
+
+    def close(self) -> None:
+        self._owner_lock.close()
+        (self._tmp / f"{self._owner}.lock").unlink(missing_ok=True)
+
+
+def _owner_is_gone(lock_path: Path) -> bool:
+    try:
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
+        return False
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,50 @@
+"""Small query functions per table; keyword-only arguments, no HTTP knowledge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from app.storage.tables import DatasetRow, ModelRow, VariantRow
+
+
+def get_model(session: Session, *, name: str) -> ModelRow | None:
+    query = (
+        select(ModelRow)
+        .where(ModelRow.name == name)
+        .options(selectinload(ModelRow.variants), selectinload(ModelRow.datasets))
+    )
+    return session.scalars(query).one_or_none()
+
+
+def list_models(session: Session) -> Sequence[ModelRow]:
+    query = (
+        select(ModelRow)
+        .order_by(ModelRow.name)
+        .options(selectinload(ModelRow.variants), selectinload(ModelRow.datasets))
+    )
+    return session.scalars(query).all()
+
+
+def model_name_taken(session: Session, *, name: str) -> bool:
+    return session.scalar(select(func.count()).select_from(ModelRow).where(ModelRow.name == name)) != 0
+
+
+def artifact_in_use(session: Session, *, sha256: str) -> bool:
+    """Artifacts are shared by content: a file may go only when no row points at it any more."""
+    for column in (ModelRow.sha256, VariantRow.sha256, DatasetRow.sha256):
+        if session.scalar(select(func.count()).where(column == sha256)):
+            return True
+    return False
+
+
+def get_dataset(session: Session, *, model_id: int, dataset_id: str) -> DatasetRow | None:
+    query = select(DatasetRow).where(DatasetRow.model_id == model_id, DatasetRow.id == dataset_id)
+    return session.scalars(query).one_or_none()
+
+
+def dataset_name_taken(session: Session, *, model_id: int, name: str) -> bool:
+    query = select(func.count()).where(DatasetRow.model_id == model_id, DatasetRow.name == name)
+    return session.scalar(query) != 0
