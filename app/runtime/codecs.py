@@ -273,10 +273,13 @@ def _to_array(data: Any, spec: TensorSpec) -> np.ndarray:
         raise InvalidInput(f"input '{spec.name}' is {spec.datatype}: 'data' must hold numbers only")
     if kind == "f" and spec.numpy_dtype.kind in _INTEGER_KINDS:
         raise InvalidInput(f"input '{spec.name}' is {spec.datatype}: 'data' must hold integers only")
-    try:
-        return array.astype(spec.numpy_dtype, copy=False)
-    except OverflowError:
-        raise InvalidInput(f"input '{spec.name}': a value does not fit {spec.datatype}") from None
+    target = spec.numpy_dtype
+    if target.kind in "iu" and array.dtype != target and array.size:
+        # astype wraps silently (300 -> 44 as UINT8): check the range first.
+        limits = np.iinfo(target)
+        if array.min() < limits.min or array.max() > limits.max:
+            raise InvalidInput(f"input '{spec.name}': a value does not fit {spec.datatype}")
+    return array.astype(target, copy=False)
 
 
 def _from_binary(raw: bytes, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
