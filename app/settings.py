@@ -5,11 +5,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 Role = Literal["admin", "predict"]
 
@@ -121,7 +120,7 @@ def parse_api_keys(raw: str) -> list[ApiKey]:
             raise ValueError("each API key must be at least 8 characters long")
         # The id is a digest prefix so logs can say who acted without revealing the key.
         key_id = hashlib.sha256(secret.encode()).hexdigest()[:12]
-        keys.append(ApiKey(key_id=key_id, role=role, secret=secret))  # type: ignore[arg-type]
+        keys.append(ApiKey(key_id=key_id, role=role, secret=secret))
     return keys
 
 

@@ -90,7 +90,7 @@ async def upload_model(request: Request, services: ServicesDep, _key: Admin) -> 
 @router.get("/models", response_model=ModelsPublic)
 async def list_models(services: ServicesDep, _key: Reader) -> ModelsPublic:
     """List every model with its variants, routing and datasets."""
-    rows = await asyncio.to_thread(services.models.list)
+    rows = await asyncio.to_thread(services.models.list_all)
     return ModelsPublic(models=[model_public(r) for r in rows])
 
 

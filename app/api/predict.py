@@ -15,7 +15,8 @@ router = APIRouter(tags=["predictions"])
 @router.post("/models/{name}/predict", openapi_extra={
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"type": "object", "description": "input name -> nested list (a bare list for single-input models)"},
+            "inputs": {"type": "object",
+                       "description": "input name -> nested list (a bare list for single-input models)"},
             "variant": {"type": "string", "description": "serve this variant, whatever the routing says"}}},
         "example": {"inputs": {"input": [[0.0] * 64]}}}}},
     "responses": {"200": {"description": "Outputs as nested lists", "content": {"application/json": {"example": {

@@ -6,7 +6,6 @@ from importlib.metadata import PackageNotFoundError, version
 from time import perf_counter
 from typing import Any
 
-
 from fastapi import APIRouter, Request, Response
 
 from app.api.body import read_body

@@ -74,9 +74,9 @@ def decode_v2(
         if not isinstance(item, dict):
             raise InvalidInput("each entry of 'inputs' must be an object with name, shape, datatype and data")
         name = item.get("name")
-        spec = specs.get(name) if isinstance(name, str) else None
-        if spec is None:
+        if not isinstance(name, str) or name not in specs:
             raise InvalidInput(_unknown_input(name, specs))
+        spec = specs[name]
         if name in inputs:
             raise InvalidInput(f"input '{name}' is given twice")
         shape = _shape(item.get("shape"), name)

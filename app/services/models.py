@@ -124,7 +124,7 @@ class ModelService:
                 raise ModelNotFound(name)
             return row
 
-    def list(self) -> list[ModelRow]:
+    def list_all(self) -> list[ModelRow]:
         with self._session_factory() as session:
             return list(repositories.list_models(session))
 
@@ -134,7 +134,8 @@ class ModelService:
             row = repositories.get_model(session, name=name)
             if row is None:
                 raise ModelNotFound(name)
-            files = [(v.sha256, MODEL_SUFFIX) for v in row.variants] + [(d.sha256, DATASET_SUFFIX) for d in row.datasets]
+            files = [(v.sha256, MODEL_SUFFIX) for v in row.variants]
+            files += [(d.sha256, DATASET_SUFFIX) for d in row.datasets]
             session.delete(row)
         self._catalog.invalidate(name)
         self._drop_unreferenced(files)

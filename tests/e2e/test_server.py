@@ -1,0 +1,129 @@
+"""A real uvicorn process on a free port, real HTTP, and an independent V2 client (tritonclient)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import Server
+from tests.helpers import CNN, CNN_SAMPLES, MLP, MLP_SAMPLES
+
+pytestmark = pytest.mark.e2e
+
+PRELOAD = json.dumps({"digits": {"file": str(CNN), "samples": str(CNN_SAMPLES)}})
+
+
+def _upload(server: Server, name: str, path: Path) -> httpx.Response:
+    with server.client() as client, open(path, "rb") as handle:
+        return client.post("/models", data={"name": name}, files={"file": (path.name, handle)})
+
+
+def _histogram_count(metrics: str, model: str, protocol: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if (sample.name == "slimserve_request_duration_seconds_count"
+                    and sample.labels == {"model": model, "variant": "original", "protocol": protocol}):
+                return sample.value
+    return 0.0
+
+
+def test_upload_then_tritonclient_json_and_binary(server_factory: Callable[..., Server]) -> None:
+    server = server_factory(SLIMSERVE_PRELOAD_MODELS=PRELOAD)
+    assert _upload(server, "mlp", MLP).status_code == 201
+    rows = np.load(MLP_SAMPLES)["input"][:5]
+    expected = ort.InferenceSession(str(MLP)).run(None, {"input": rows})[0]
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    assert client.get_model_metadata("mlp")["inputs"][0]["shape"] == [-1, 64]
+    for binary in (False, True):
+        for _ in range(3):
+            tensor = triton.InferInput("input", list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows, binary_data=binary)
+            output = triton.InferRequestedOutput("logits", binary_data=binary)
+            result = client.infer("mlp", [tensor], outputs=[output], request_id="abc")
+            np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-6)
+            assert result.get_response()["id"] == "abc"
+    # No requested outputs: tritonclient asks for binary outputs by default.
+    tensor = triton.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=False)
+    np.testing.assert_allclose(client.infer("mlp", [tensor]).as_numpy("logits"), expected, rtol=1e-6)
+    client.close()
+
+    # The example model preloaded the way `make run` does it answers at once.
+    digits = np.load(CNN_SAMPLES)
+    with server.client() as http:
+        answer = http.post("/models/digits/predict", json={"inputs": {"input": digits["input"][:20].tolist()}})
+        assert answer.status_code == 200
+        predicted = np.argmax(np.array(answer.json()["outputs"]["logits"]), axis=1)
+        assert (predicted == digits["labels"][:20]).mean() >= 0.9
+        metrics = http.get("/metrics").text
+    assert _histogram_count(metrics, "mlp", "v2") == 7
+    assert _histogram_count(metrics, "digits", "predict") == 1
+
+
+def test_restart_keeps_models_and_answers(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    data_dir = tmp_path / "persist"
+    first = server_factory(data_dir)
+    assert _upload(first, "mlp", MLP).status_code == 201
+    body = {"inputs": {"input": np.load(MLP_SAMPLES)["input"][:3].tolist()}}
+    with first.client() as client:
+        before = client.post("/models/mlp/predict", json=body).json()["outputs"]
+    first.stop()
+    second = server_factory(data_dir)
+    with second.client() as client:
+        assert client.get("/models/mlp").status_code == 200
+        assert client.post("/models/mlp/predict", json=body).json()["outputs"] == before
+
+
+def _slow_multipart(name: str, payload: bytes, sent: threading.Event) -> Iterator[bytes]:
+    boundary = "slimserveboundary"
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\n{name}\r\n"
+           f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.onnx\"\r\n"
+           "Content-Type: application/octet-stream\r\n\r\n").encode()
+    for start in range(0, len(payload), 4096):
+        yield payload[start:start + 4096]
+        if start > len(payload) // 2:
+            sent.set()
+            time.sleep(0.2)
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_kill_during_upload_leaves_nothing_behind(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    data_dir = tmp_path / "crash"
+    server = server_factory(data_dir)
+    half_sent = threading.Event()
+
+    def send() -> None:
+        try:
+            httpx.post(f"{server.url}/models", content=_slow_multipart("mlp", MLP.read_bytes(), half_sent),
+                       headers={"Content-Type": "multipart/form-data; boundary=slimserveboundary"}, timeout=30)
+        except httpx.HTTPError:
+            pass  # the server dies mid-request
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert half_sent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while not list((data_dir / "tmp").glob("*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((data_dir / "tmp").glob("*.part")), "the upload should be streaming into a temp file"
+    server.stop(signal.SIGKILL)
+    sender.join(timeout=30)
+
+    restarted = server_factory(data_dir)
+    with restarted.client() as client:
+        assert client.get("/models").json()["models"] == []
+    assert list((data_dir / "tmp").glob("*.part")) == []
+    assert [p for p in (data_dir / "artifacts").rglob("*") if p.is_file()] == []

@@ -1,0 +1,56 @@
+"""Dependency direction between the packages of app/, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+APP = Path(__file__).resolve().parents[1] / "app"
+
+# package -> prefixes it must never import
+FORBIDDEN = {
+    "app.compression": ("fastapi", "starlette", "sqlalchemy", "celery", "app.api", "app.main", "app.services",
+                        "app.storage", "app.settings", "app.worker"),
+    "app.services": ("fastapi", "starlette", "app.api", "app.main"),
+    "app.storage": ("fastapi", "starlette", "app.api", "app.main", "app.services"),
+    "app.runtime": ("fastapi", "starlette", "app.api", "app.main", "app.services", "app.storage"),
+    "app.formats": ("fastapi", "starlette", "app.api", "app.main", "app.services", "app.storage"),
+    "app.errors": ("fastapi", "starlette"),
+    "app.settings": ("fastapi", "starlette", "app.api", "app.main"),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(("app", *path.relative_to(APP).with_suffix("").parts))
+
+
+def test_layers_import_only_downwards() -> None:
+    violations = []
+    for path in APP.rglob("*.py"):
+        module = _module_name(path)
+        for package, banned in FORBIDDEN.items():
+            if module == package or module.startswith(package + "."):
+                for imported in _imports(path):
+                    if any(imported == b or imported.startswith(b + ".") for b in banned):
+                        violations.append(f"{module} imports {imported}")
+    assert violations == []
+
+
+def test_nothing_imports_the_web_layer_or_the_composition_root() -> None:
+    offenders = []
+    for path in APP.rglob("*.py"):
+        module = _module_name(path)
+        if module.startswith("app.api") or module in ("app.main", "app.cli", "app.__main__"):
+            continue
+        offenders += [f"{module} imports {i}" for i in _imports(path) if i.startswith(("app.api", "app.main"))]
+    assert offenders == []
