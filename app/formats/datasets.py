@@ -33,8 +33,6 @@ def load_dataset(path: Path, inputs: list[TensorSpec], *, display_name: str) -> 
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise InvalidContent(f"{display_name} is not a readable .npz file ({exc})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InvalidContent(f"{display_name} must be an .npz archive of named arrays, not a single .npy array")
     specs = {spec.name: spec for spec in inputs}
     arrays: dict[str, np.ndarray] = {}
     labels: np.ndarray | None = None

@@ -75,6 +75,9 @@ def test_odd_tensor_names_scalars_and_dynamic_middle_dims(client: TestClient) ->
     assert result.status_code == 200, result.text
     assert np.array(result.json()["outputs"]["out/y:0"]).shape == (2, 5, 4)
     assert result.json()["outputs"]["out/y:0"][0][0] == [3.0] * 4
+    missing = client.post("/v2/models/odd/infer", json={"inputs": [
+        {"name": "scale.factor", "shape": [], "datatype": "FP32", "data": [2.0]}]})
+    assert missing.status_code == 400 and "missing input(s): 'enc/in:0'" in missing.json()["error"]
 
 
 def test_model_that_fails_on_zeros_is_accepted_with_a_warning(client: TestClient) -> None:

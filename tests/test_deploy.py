@@ -1,0 +1,80 @@
+"""Dockerfile, docker-compose.yml and the Prometheus config, read against the code (Docker does not run here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.main import create_app
+from app.settings import Settings
+from tests.helpers import REPO
+
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+PROMETHEUS = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+
+
+def _dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    joined = DOCKERFILE.replace("\\\n", " ")
+    for line in joined.splitlines():
+        if line.startswith("ENV "):
+            for token in shlex.split(line[4:]):
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
+def _routes() -> set[str]:
+    return set(create_app().openapi()["paths"])
+
+
+def test_every_slimserve_variable_is_a_real_setting() -> None:
+    fields = {f"SLIMSERVE_{name.upper()}" for name in Settings.model_fields}
+    used = set(_dockerfile_env())
+    for service in COMPOSE["services"].values():
+        used |= set(service.get("environment", {}))
+    unknown = {v for v in used if v.startswith("SLIMSERVE_")} - fields
+    assert unknown == set()
+
+
+def test_image_preload_points_at_bundled_models() -> None:
+    preload = json.loads(_dockerfile_env()["SLIMSERVE_PRELOAD_MODELS"])
+    assert "COPY models /opt/slimserve/models" in DOCKERFILE
+    for entry in preload.values():
+        for path in entry.values():
+            local = REPO / Path(path).relative_to("/opt/slimserve")
+            assert local.is_file(), local
+
+
+def test_healthchecks_probe_a_real_route() -> None:
+    paths = set(re.findall(r"http://127\.0\.0\.1:8000(/[\w/]+)", DOCKERFILE))
+    paths |= set(re.findall(r"http://127\.0\.0\.1:8000(/[\w/]+)", json.dumps(COMPOSE)))
+    assert paths == {"/v2/health/ready"}
+    assert paths <= _routes()
+
+
+def test_image_command_runs_the_cli_as_non_root() -> None:
+    cmd = re.search(r'^CMD \["slimserve", "(\w+)"\]', DOCKERFILE, re.M)
+    assert cmd is not None
+    assert CliRunner().invoke(cli, [cmd.group(1), "--help"]).exit_code == 0
+    assert re.search(r"^USER slimserve$", DOCKERFILE, re.M)
+    assert '"torch==2.13.0"' in DOCKERFILE and '"torch==2.13.0"' in (REPO / "pyproject.toml").read_text()
+    for source in re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE, re.M):
+        assert (REPO / source).exists(), source
+
+
+def test_prometheus_scrapes_the_server_service() -> None:
+    assert "slimserve" in COMPOSE["services"] and "prometheus" in COMPOSE["services"]
+    job = PROMETHEUS["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and "/metrics" in _routes()
+    assert job["static_configs"][0]["targets"] == ["slimserve:8000"]
+    mounts = COMPOSE["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert COMPOSE["services"]["prometheus"]["depends_on"]["slimserve"]["condition"] == "service_healthy"
