@@ -10,7 +10,8 @@ APP = Path(__file__).resolve().parents[1] / "app"
 # package -> prefixes it must never import
 FORBIDDEN = {
     "app.compression": ("fastapi", "starlette", "sqlalchemy", "celery", "app.api", "app.main", "app.services",
-                        "app.storage", "app.settings", "app.worker"),
+                        "app.storage", "app.settings", "app.worker", "app.errors", "app.metrics", "app.runtime",
+                        "app.formats"),
     "app.services": ("fastapi", "starlette", "app.api", "app.main"),
     "app.storage": ("fastapi", "starlette", "app.api", "app.main", "app.services"),
     "app.runtime": ("fastapi", "starlette", "app.api", "app.main", "app.services", "app.storage"),

@@ -1,0 +1,128 @@
+"""Recipes: typed, validated steps, the named presets, and the accuracy budget."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from app.compression.errors import InvalidRecipe
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizeStep(_Step):
+    """INT8 dynamic/static (QDQ), FP16, or INT4 weight-only quantization."""
+
+    op: Literal["quantize"] = "quantize"
+    mode: Literal["dynamic", "static", "fp16", "int4"]
+    per_channel: bool | None = None
+    """Per-channel weights; None lets the step measure both and keep the more faithful one (dynamic)."""
+    calibration: Literal["minmax", "entropy", "percentile"] = "percentile"
+    """Static only: how activation ranges are calibrated."""
+    block_size: int = Field(default=32, ge=16, le=256)
+    """INT4 only: weights per quantization block (a power of two)."""
+    op_types: list[str] | None = None
+    """Operator types to quantize; None: the step's default for the model (MatMul/Gemm on CNNs for dynamic)."""
+
+    @model_validator(mode="after")
+    def _block_is_power_of_two(self) -> QuantizeStep:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        return self
+
+
+class PruneStep(_Step):
+    """Unstructured (zeroes weights) or structured (removes neurons and channels) pruning."""
+
+    op: Literal["prune"] = "prune"
+    mode: Literal["unstructured", "structured"]
+    sparsity: float = Field(gt=0.0, lt=1.0)
+    """Fraction of weights (unstructured) or of neurons/channels per prunable layer (structured) to remove."""
+    importance: Literal["l1", "l2", "taylor"] = "l2"
+    """Structured only: how channels are ranked; taylor needs data."""
+
+
+class OptimizeStep(_Step):
+    """onnxruntime graph optimizations saved into the model; weights unchanged."""
+
+    op: Literal["optimize"] = "optimize"
+    level: Literal["basic", "extended", "transformer"] = "extended"
+
+
+class DistillStep(_Step):
+    """Train the current model (or another uploaded student) on the original's outputs."""
+
+    op: Literal["distill"] = "distill"
+    student: str = "current"
+    """`current` (the recipe's model so far) or the name of an uploaded model with the same inputs/outputs."""
+    epochs: int = Field(default=10, ge=1, le=1000)
+    temperature: float = Field(default=4.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Weight of the teacher's soft targets; 1 - alpha goes to hard labels when the dataset has them."""
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    patience: int = Field(default=3, ge=1, le=100)
+    """Epochs without improvement on the held-out split before training stops."""
+
+
+Step = Annotated[QuantizeStep | PruneStep | OptimizeStep | DistillStep, Field(discriminator="op")]
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: list[Step] = Field(min_length=1, max_length=16)
+    name: str | None = None
+    """The preset this recipe came from, if any."""
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: Literal["agreement", "accuracy", "cosine"] = "agreement"
+    max_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+
+
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "optimize": [{"op": "optimize", "level": "extended"}],
+    "int8-dynamic": [{"op": "quantize", "mode": "dynamic"}],
+    "int8-static": [{"op": "quantize", "mode": "static", "calibration": "percentile"}],
+    "fp16": [{"op": "quantize", "mode": "fp16"}],
+    "int4-weight": [{"op": "quantize", "mode": "int4", "block_size": 32}],
+    "prune-50": [{"op": "prune", "mode": "unstructured", "sparsity": 0.5}],
+    "shrink-50": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"}],
+}
+AUTO = "auto"
+
+_STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)  # type: ignore[arg-type]
+
+
+def parse_recipe(spec: str | dict[str, Any]) -> Recipe:
+    """A preset name or `{"steps": [...]}`; raises InvalidRecipe naming the problem."""
+    if isinstance(spec, str):
+        if spec == AUTO:
+            raise InvalidRecipe("'auto' is a search over recipes, not a single recipe; use the search API")
+        if spec not in PRESETS:
+            raise InvalidRecipe(f"unknown preset '{spec[:64]}'; presets: {', '.join([*PRESETS, AUTO])}")
+        return Recipe(steps=[_STEP_ADAPTER.validate_python(s) for s in PRESETS[spec]], name=spec)
+    if not isinstance(spec, dict):
+        raise InvalidRecipe("a recipe is a preset name or an object with 'steps'")
+    try:
+        return Recipe.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidRecipe(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "union_tag_invalid":
+            problems.append(f"{where}: unknown op {error.get('input', {}).get('op')!r}; "
+                            "ops: quantize, prune, optimize, distill")
+        else:
+            problems.append(f"{where}: {error['msg']}")
+    return "invalid recipe: " + "; ".join(problems)
