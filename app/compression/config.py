@@ -97,7 +97,7 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
 }
 AUTO = "auto"
 
-_STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)  # type: ignore[arg-type]
+_STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)
 
 
 def parse_recipe(spec: str | dict[str, Any]) -> Recipe:

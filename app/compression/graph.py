@@ -78,7 +78,8 @@ def check_step_output(original: Path, candidate: Path, step: str) -> None:
         if [(t.name, t.dtype) for t in want] != [(t.name, t.dtype) for t in got]:
             raise StepFailed(f"{step} changed the model's {kind}: {_describe(want)} became {_describe(got)}")
         for w, g in zip(want, got, strict=True):
-            if len(w.shape) != len(g.shape) or any(a is not None and a != b for a, b in zip(w.shape, g.shape)):
+            same_rank = len(w.shape) == len(g.shape)
+            if not same_rank or any(a is not None and a != b for a, b in zip(w.shape, g.shape, strict=True)):
                 raise StepFailed(f"{step} changed the shape of {kind[:-1]} '{w.name}' from {w.shape} to {g.shape}")
 
 

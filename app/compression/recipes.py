@@ -1,0 +1,142 @@
+"""Runs a recipe: each step on the previous step's output, each output checked, the result measured."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from app.compression import data as model_data
+from app.compression import evaluate, graph
+from app.compression.config import Budget, OptimizeStep, PruneStep, QuantizeStep, Recipe
+from app.compression.context import AnyStep, StepContext, StepFunction
+from app.compression.data import ModelData
+from app.compression.progress import CancelToken, ProgressFn, StepProgress, ignore_progress
+
+EVAL_FRACTION = 0.3
+# Share of the progress bar spent in the steps; the rest is the measurement.
+_STEPS_SHARE = 0.85
+
+# op -> module with a `run(model, output, step, ctx)`; imported on first use, so torch loads only for distill.
+_STEP_MODULES = {
+    "quantize": "app.compression.quantize",
+    "prune": "app.compression.prune",
+    "optimize": "app.compression.optimize",
+    "distill": "app.compression.distill",
+}
+
+
+@dataclass
+class RecipeResult:
+    output: Path
+    report: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def step_function(op: str) -> StepFunction:
+    module = importlib.import_module(_STEP_MODULES[op])
+    function: StepFunction = module.run
+    return function
+
+
+def describe_step(step: AnyStep) -> str:
+    detail: str
+    if isinstance(step, QuantizeStep):
+        detail = step.mode
+    elif isinstance(step, PruneStep):
+        detail = f"{step.mode} {step.sparsity:g}"
+    elif isinstance(step, OptimizeStep):
+        detail = step.level
+    else:
+        detail = f"student {step.student}"
+    return f"{step.op} ({detail})"
+
+
+def prepare_data(original: Path, data: ModelData | None, seed: int) -> tuple[ModelData | None, ModelData]:
+    """(shaping split, held-out split); without a dataset, generated inputs for both."""
+    inputs, _ = graph.io_info(original)
+    if data is None:
+        data = model_data.synthetic(inputs, seed=seed)
+    return data.split(EVAL_FRACTION, seed)
+
+
+def run_recipe(
+    *, original: Path, output: Path, recipe: Recipe, data: ModelData | None = None, budget: Budget | None = None,
+    progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None, seed: int = 0, threads: int = 1,
+    resolve_model: Callable[[str], Path] | None = None, split: tuple[ModelData | None, ModelData] | None = None,
+) -> RecipeResult:
+    """Apply `recipe` to `original`, write the result to `output` (plus a `.recipe.json` sidecar).
+
+    Args:
+        original: the uploaded model; also the teacher and the reference for every check.
+        output: where the compressed model is written.
+        recipe: validated steps (see `config.parse_recipe`).
+        data: the dataset, or None to generate inputs from the model's declared shapes.
+        budget: fidelity budget for `within_budget`; default agreement (classifiers) or cosine, max drop 0.01.
+        progress: called with (fraction of the whole run, stage).
+        cancel: checked between and inside steps.
+        split: an already split (shaping, held-out) pair, so that several recipes share one held-out set.
+
+    Raises:
+        CompressionError: InvalidRecipe, UnsupportedModel, DataRequired, StepFailed, or Cancelled.
+    """
+    cancel = cancel or CancelToken()
+    train, held_out = split if split is not None else prepare_data(original, data, seed)
+    workdir = Path(tempfile.mkdtemp(prefix="slimserve-recipe-"))
+    try:
+        current = original
+        notes: list[dict[str, Any]] = []
+        count = len(recipe.steps)
+        for index, step in enumerate(recipe.steps):
+            cancel.check()
+            stage = f"step {index + 1}/{count}: {describe_step(step)}"
+            step_dir = workdir / f"step-{index}"
+            step_dir.mkdir()
+            ctx = StepContext(
+                original=original, workdir=step_dir,
+                # Generated inputs may calibrate a quantizer, but teaching a student on noise is meaningless.
+                train=None if step.op == "distill" and train is not None and train.source == "synthetic" else train,
+                progress=StepProgress(progress, _STEPS_SHARE * index / count, _STEPS_SHARE * (index + 1) / count,
+                                      stage, cancel),
+                seed=seed, threads=threads, resolve_model=resolve_model,
+            )
+            ctx.progress(0.0)
+            step_output = workdir / f"step-{index}.onnx"
+            step_notes = step_function(step.op)(current, step_output, step, ctx)
+            graph.check_step_output(original, step_output, describe_step(step))
+            notes.append({"step": step.model_dump(), "notes": step_notes})
+            current = step_output
+        cancel.check()
+        report = evaluate.measure(
+            original, current, held_out, budget=budget, threads=threads,
+            progress=lambda f, s: progress(_STEPS_SHARE + (1 - _STEPS_SHARE) * f, s),
+        )
+        report["steps"] = notes
+        shutil.copyfile(current, output)
+        write_sidecar(output, recipe, report)
+        return RecipeResult(output=output, report=report, steps=notes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_sidecar(output: Path, recipe: Recipe, report: dict[str, Any]) -> Path:
+    """Every artifact carries the recipe, the library versions and the report that produced it."""
+    sidecar = output.with_suffix(".recipe.json")
+    payload = {
+        "recipe": recipe.model_dump(),
+        "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "report": report,
+    }
+    sidecar.write_text(json.dumps(payload, indent=2, default=str))
+    return sidecar

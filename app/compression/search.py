@@ -1,0 +1,129 @@
+"""`auto`: try the recipes that suit the model, measure each on one held-out set, keep the best within budget."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from app.compression import graph
+from app.compression.config import Budget, Recipe, parse_recipe
+from app.compression.data import ModelData
+from app.compression.errors import Cancelled, CompressionError
+from app.compression.progress import CancelToken, ProgressFn, ignore_progress
+from app.compression.recipes import prepare_data, run_recipe, write_sidecar
+
+Objective = Literal["size", "latency", "balanced"]
+Family = Literal["transformer", "cnn", "mlp"]
+
+_STEPS: dict[str, list[dict[str, Any]]] = {
+    "optimize-transformer": [{"op": "optimize", "level": "transformer"}],
+    "optimize+int8-dynamic": [{"op": "optimize", "level": "extended"}, {"op": "quantize", "mode": "dynamic"}],
+    "shrink-50+int8-static": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"},
+                              {"op": "quantize", "mode": "static"}],
+    "shrink-50+int8-dynamic": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"},
+                               {"op": "quantize", "mode": "dynamic"}],
+}
+CANDIDATES: dict[Family, list[str]] = {
+    "transformer": ["optimize-transformer", "optimize+int8-dynamic", "int4-weight", "fp16"],
+    "cnn": ["int8-static", "shrink-50", "shrink-50+int8-static"],
+    "mlp": ["int8-dynamic", "int8-static", "shrink-50", "shrink-50+int8-dynamic"],
+}
+_NEEDS_REAL_DATA = {"shrink-50", "shrink-50+int8-static", "shrink-50+int8-dynamic"}
+
+
+@dataclass
+class SearchResult:
+    output: Path | None
+    """The winner's file, or None when no candidate met the budget."""
+    winner: str | None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+
+
+def model_family(path: Path) -> Family:
+    ops = {node.op_type for node in graph.load(path).graph.node}
+    if "Conv" in ops:
+        return "cnn"
+    if ops & {"Softmax", "LayerNormalization", "Attention", "MultiHeadAttention"} and ops & {"MatMul", "Gemm"}:
+        return "transformer"
+    return "mlp"
+
+
+def candidate_recipe(name: str) -> Recipe:
+    return parse_recipe({"steps": _STEPS[name], "name": name}) if name in _STEPS else parse_recipe(name)
+
+
+def score(report: dict[str, Any], objective: Objective) -> float | None:
+    """Higher is better; None when the candidate is not eligible (over budget, or slower for a speed goal)."""
+    if not report.get("within_budget"):
+        return None
+    speedup = report["speedup"]["batch_n"] or report["speedup"]["batch_1"]
+    if objective == "size":
+        return -float(report["size_ratio"])
+    if speedup < 1.0:
+        return None  # never hand back a slower model unless only size matters
+    if objective == "latency":
+        return float(speedup)
+    return float((speedup / report["size_ratio"]) ** 0.5)
+
+
+def _slice(progress: ProgressFn, start: float, end: float, name: str) -> ProgressFn:
+    def report(fraction: float, stage: str) -> None:
+        progress(start + (end - start) * fraction, f"{name}: {stage}")
+
+    return report
+
+
+def search(
+    *, original: Path, output: Path, data: ModelData | None, budget: Budget | None = None,
+    objective: Objective = "balanced", progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None,
+    seed: int = 0, threads: int = 1, resolve_model: Callable[[str], Path] | None = None,
+) -> SearchResult:
+    """Run every candidate recipe for the model's family; all reports are returned, the best one is written."""
+    cancel = cancel or CancelToken()
+    family = model_family(original)
+    names = CANDIDATES[family]
+    split = prepare_data(original, data, seed)
+    real_data = split[1].source == "dataset"
+    workdir = Path(tempfile.mkdtemp(prefix="slimserve-auto-"))
+    candidates: list[dict[str, Any]] = []
+    best: tuple[float, str, Path, dict[str, Any], Recipe] | None = None
+    try:
+        for index, name in enumerate(names):
+            cancel.check()
+            entry: dict[str, Any] = {"name": name, "family": family, "report": None, "error": None}
+            candidates.append(entry)
+            recipe = candidate_recipe(name)
+            entry["recipe"] = recipe.model_dump()
+            if name in _NEEDS_REAL_DATA and not real_data:
+                entry["error"] = "skipped: distillation needs a dataset"
+                continue
+            path = workdir / f"{index}.onnx"
+            try:
+                result = run_recipe(
+                    original=original, output=path, recipe=recipe, budget=budget, cancel=cancel, seed=seed,
+                    threads=threads, resolve_model=resolve_model, split=split,
+                    progress=_slice(progress, index / len(names), (index + 1) / len(names), name),
+                )
+            except Cancelled:
+                raise
+            except CompressionError as exc:
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            entry["report"] = result.report
+            value = score(result.report, objective)
+            entry["score"] = value
+            if value is not None and (best is None or value > best[0]):
+                best = (value, name, path, result.report, recipe)
+        if best is None:
+            return SearchResult(output=None, winner=None, candidates=candidates)
+        _, name, path, report, recipe = best
+        shutil.copyfile(path, output)
+        write_sidecar(output, recipe, {**report, "auto": {"objective": objective, "candidates": candidates}})
+        return SearchResult(output=output, winner=name, candidates=candidates, report=report)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
