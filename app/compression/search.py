@@ -82,12 +82,13 @@ def search(
     *, original: Path, output: Path, data: ModelData | None, budget: Budget | None = None,
     objective: Objective = "balanced", progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None,
     seed: int = 0, threads: int = 1, resolve_model: Callable[[str], Path] | None = None,
+    split: tuple[ModelData | None, ModelData] | None = None,
 ) -> SearchResult:
     """Run every candidate recipe for the model's family; all reports are returned, the best one is written."""
     cancel = cancel or CancelToken()
     family = model_family(original)
     names = CANDIDATES[family]
-    split = prepare_data(original, data, seed)
+    split = split if split is not None else prepare_data(original, data, seed)
     real_data = split[1].source == "dataset"
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-auto-"))
     candidates: list[dict[str, Any]] = []

@@ -1,0 +1,172 @@
+"""Compression benchmark: every preset on the digits CNN and the transformer encoder, beside onnxruntime's
+`quantize_dynamic` / `quantize_static` called directly with their defaults, measured in the same run.
+
+Usage (run by hand, not a test; about 10 minutes on 2 cores):
+    .venv/bin/python benchmarks/compression.py --write docs/compression.md
+"""
+
+# ruff: noqa: T201
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from app.compression import (  # noqa: E402
+    PRESETS,
+    Budget,
+    CompressionError,
+    ModelData,
+    measure,
+    parse_recipe,
+    run_recipe,
+    search,
+)
+from app.compression.data import from_npz  # noqa: E402
+from app.compression.graph import io_info  # noqa: E402
+
+MODELS = REPO / "models"
+CNN = MODELS / "digits_cnn.onnx"
+TRANSFORMER = MODELS / "tiny_transformer.onnx"
+SEED = 0
+
+
+class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, data: ModelData) -> None:
+        self._batches = iter(list(data.batches(1)))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def digits_split() -> tuple[ModelData, ModelData]:
+    """Shape on scikit-learn's digits training images with labels withheld; score on the held-out test set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    train, _, _, _ = train_test_split(images, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
+    inputs, _ = io_info(CNN)
+    held_out = from_npz(MODELS / "digits_cnn.samples.npz", inputs)
+    return ModelData({"input": train}, None, "dataset"), held_out
+
+
+def transformer_split(tokens: int) -> tuple[ModelData, ModelData]:
+    """Token ids at the benchmark's sequence length: 512 to shape, 128 to score."""
+    rng = np.random.default_rng(SEED)
+    ids = rng.integers(1, 1000, (640, tokens)).astype(np.int64)
+    mask = np.ones_like(ids)
+    lengths = rng.integers(tokens // 2, tokens + 1, 640)
+    for row, length in enumerate(lengths):
+        mask[row, length:] = 0
+    data = ModelData({"input_ids": ids, "attention_mask": mask}, None, "dataset")
+    return data.subset(np.arange(512)), data.subset(np.arange(512, 640))
+
+
+def tool_defaults(model: Path, train: ModelData, workdir: Path) -> dict[str, Path]:
+    """onnxruntime's own tools with their defaults: the baseline to beat."""
+    dynamic = workdir / "ort-dynamic.onnx"
+    quantize_dynamic(str(model), str(dynamic))
+    static = workdir / "ort-static.onnx"
+    quantize_static(str(model), str(static), _Reader(train.take(128)))
+    return {"ort quantize_dynamic (defaults)": dynamic, "ort quantize_static (defaults)": static}
+
+
+def row(label: str, report: dict[str, Any] | None, error: str | None = None) -> str:
+    if report is None:
+        return f"| {label} | – | – | – | – | – | – | – | {error} |"
+    fidelity = report["fidelity"]
+    accuracy = "–" if fidelity["accuracy"] is None else (
+        f"{fidelity['accuracy'] * 100:.2f} (orig {fidelity['original_accuracy'] * 100:.2f})")
+    agreement = "–" if fidelity["agreement"] is None else f"{fidelity['agreement']:.4f}"
+    speed_n = report["speedup"]["batch_n"]
+    params = report["parameters"] / report["original"]["parameters"]
+    return (f"| {label} | {report['size_ratio']:.3f} | {params:.3f} | {report['speedup']['batch_1']:.2f} | "
+            f"{'–' if speed_n is None else f'{speed_n:.2f}'} | {agreement} | {accuracy} | "
+            f"{fidelity['cosine_mean']:.4f} | {'within' if report['within_budget'] else 'over'} budget |")
+
+
+HEADER = ("| variant | size × | params × | speedup b1 | speedup bN | agreement | accuracy % | cosine mean | budget |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def bench_model(name: str, model: Path, split: tuple[ModelData, ModelData], batch_n: int, budget: Budget,
+                workdir: Path) -> list[str]:
+    train, held_out = split
+    lines = [f"### {name}", "",
+             f"Shaping data: {len(train)} samples; held-out: {len(held_out)}; batch N = {batch_n}; "
+             f"budget: {budget.metric} drop ≤ {budget.max_drop}.", "", HEADER]
+    for label, path in tool_defaults(model, train, workdir).items():
+        report = measure(model, path, held_out, budget=budget, batch_n=batch_n)
+        lines.append(row(label, report))
+        print(lines[-1], file=sys.stderr)
+    for preset in PRESETS:
+        started = time.perf_counter()
+        output = workdir / f"{name}-{preset}.onnx"
+        try:
+            result = run_recipe(original=model, output=output, recipe=parse_recipe(preset), budget=budget,
+                                seed=SEED, split=split)
+            report = result.report
+            if batch_n != 32:
+                report = measure(model, output, held_out, budget=budget, batch_n=batch_n)
+            lines.append(row(f"`{preset}` ({time.perf_counter() - started:.0f} s)", report))
+        except CompressionError as exc:
+            lines.append(row(f"`{preset}`", None, f"{type(exc).__name__}: {exc}"))
+        print(lines[-1], file=sys.stderr)
+    return lines
+
+
+def bench_auto(name: str, model: Path, split: tuple[ModelData, ModelData], budget: Budget,
+               workdir: Path) -> list[str]:
+    started = time.perf_counter()
+    result = search(original=model, output=workdir / f"{name}-auto.onnx", data=None, split=split, budget=budget,
+                    objective="size", seed=SEED)
+    lines = [f"#### `auto` on {name} (objective size, {time.perf_counter() - started:.0f} s): "
+             f"winner `{result.winner}`", "", HEADER]
+    for candidate in result.candidates:
+        lines.append(row(candidate["name"], candidate["report"], candidate["error"]))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", type=Path, help="write the markdown report here")
+    parser.add_argument("--tokens", type=int, default=128, help="sequence length for the transformer")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        lines = [
+            "# Compression results", "",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/compression.py`: "
+            f"onnxruntime {ort.__version__}, Python {platform.python_version()}, {platform.machine()}, 1 intra-op "
+            "thread, original and variant timed alternately in one process. Size ×, params × and speedup are "
+            "variant / original (speedup: original latency / variant latency, p50). Fidelity on held-out samples "
+            "that shaped nothing.", "",
+        ]
+        cnn_split = digits_split()
+        budget = Budget(metric="agreement", max_drop=0.01)
+        lines += bench_model("digits CNN", CNN, cnn_split, 32, budget, workdir) + [""]
+        lines += bench_auto("digits CNN", CNN, cnn_split, budget, workdir) + [""]
+        cosine = Budget(metric="cosine", max_drop=0.01)
+        lines += bench_model(f"transformer encoder, batch 8 × {args.tokens} tokens", TRANSFORMER,
+                             transformer_split(args.tokens), 8, cosine, workdir) + [""]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        args.write.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
