@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +23,13 @@ _MIN_SECONDS = 0.4
 _MAX_SECONDS = 4.0
 
 
-def is_classifier(outputs: np.ndarray) -> bool:
+# Outputs named like this are vectors to compare by direction, not class scores to compare by argmax.
+FEATURE_NAMES = re.compile(r"embed|hidden|feature|pooled|encod|vector|latent|represent", re.IGNORECASE)
+
+
+def is_classifier(outputs: np.ndarray, name: str = "") -> bool:
     """Logits or probabilities: one row of class scores per sample."""
-    return outputs.ndim == 2 and outputs.shape[1] > 1 and outputs.dtype.kind == "f"
+    return outputs.ndim == 2 and outputs.shape[1] > 1 and outputs.dtype.kind == "f" and not FEATURE_NAMES.search(name)
 
 
 def measure(
@@ -102,7 +107,7 @@ def _fidelity(sessions: tuple[ort.InferenceSession, ort.InferenceSession], data:
         "max_abs_error": float(np.max(np.abs(original - variant))) if original.size else 0.0,
         "relative_l2": float(np.linalg.norm(original - variant)) / max(float(np.linalg.norm(original)), 1e-12),
     }
-    if is_classifier(original):
+    if is_classifier(original, sessions[0].get_outputs()[0].name):
         top_o, top_v = original.argmax(axis=1), variant.argmax(axis=1)
         result["agreement"] = round(float(np.mean(top_o == top_v)), 6)
         labels = data.labels
