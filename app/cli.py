@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +46,51 @@ def serve(
         loop="uvloop", http="httptools", access_log=False, log_level=settings.log_level,
         timeout_graceful_shutdown=10,
     )
+
+
+@cli.command()
+def worker(
+    run_job: Annotated[str | None, typer.Option(help="Run this one job and exit (used by the embedded queue)")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs this worker runs at once")] = 1,
+) -> None:
+    """Start a Celery worker for compression jobs (SLIMSERVE_QUEUE=celery, SLIMSERVE_BROKER_URL)."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if run_job is not None:
+        raise typer.Exit(0 if _run_one_job(settings, run_job) in ("succeeded", "skipped") else 1)
+    if settings.queue != "celery":
+        typer.echo("`slimserve worker` serves Celery: set SLIMSERVE_QUEUE=celery and SLIMSERVE_BROKER_URL "
+                   "(in embedded mode the server runs jobs itself)", err=True)
+        raise typer.Exit(2)
+    from app.worker.celery_app import make_worker_app
+
+    make_worker_app(settings).worker_main([
+        "worker", f"--loglevel={settings.log_level.upper()}", f"--concurrency={concurrency}",
+        "--queues", settings.celery_queue, "--hostname", f"slimserve-{socket.gethostname()}-{os.getpid()}@%h",
+        "--without-gossip", "--without-mingle",
+    ])
+
+
+def _run_one_job(settings: Settings, job_id: str) -> str:
+    from app.storage.artifacts import ArtifactStore
+    from app.storage.db import make_engine, make_session_factory
+    from app.worker.runner import JobRunner
+
+    engine = make_engine(settings.resolved_database_url)
+    store = ArtifactStore(settings.data_dir)
+    try:
+        return JobRunner(
+            session_factory=make_session_factory(engine), store=store, max_attempts=settings.job_max_attempts,
+            heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
+            threads=settings.compression_threads,
+        ).run(job_id)
+    finally:
+        store.close()
+        engine.dispose()
 
 
 def main() -> None:

@@ -9,20 +9,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.api import health, models, predict, v2
+from app.api import health, jobs, models, predict, v2
 from app.api.deps import Authenticator, Services
 from app.api.errors import install_error_handlers
 from app.errors import Conflict, ModelNotFound
 from app.metrics import Metrics
 from app.runtime.codecs import Limits
 from app.runtime.sessions import SessionCache, SessionConfig
+from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog
 from app.services.inference import InferenceService
+from app.services.jobs import JobService
 from app.services.models import IncomingFile, ModelService
 from app.settings import PreloadModel, Settings
+from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
 from app.storage.db import make_engine, make_session_factory, migrate
+from app.worker.queue import make_queue
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +51,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             inline_max_seconds=settings.inline_inference_max_ms / 1e3,
         ))
         metrics = Metrics()
+        metrics.watch_jobs(lambda: _job_stats(session_factory))
         model_service = ModelService(
             session_factory=session_factory, store=store, catalog=catalog, providers=settings.execution_providers
         )
+        capture = TrafficCapture(session_factory=session_factory, store=store, catalog=catalog,
+                                 flush_seconds=settings.capture_flush_seconds)
         inference = InferenceService(
-            catalog=catalog, sessions=sessions, store=store, metrics=metrics,
+            catalog=catalog, sessions=sessions, store=store, metrics=metrics, capture=capture,
             limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
         )
+        queue = make_queue(settings, session_factory)
         app.state.services = Services(
             settings=settings, models=model_service, inference=inference, store=store, metrics=metrics,
             auth=Authenticator(settings.api_keys),
+            jobs=JobService(session_factory=session_factory, enqueue=queue.enqueue), capture=capture,
         )
         for name, preload in settings.preload_models.items():
             await asyncio.to_thread(_preload, model_service, store, name, preload)
+        await queue.start()
+        await capture.start()
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            await capture.stop()
+            await queue.stop()
             sessions.close()
             store.close()
             engine.dispose()
@@ -78,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(predict.router)
     app.include_router(models.router)
+    app.include_router(jobs.router)
     app.include_router(health.router)
     return app
 
@@ -108,3 +123,8 @@ def _copy_to_temp(store: ArtifactStore, path: Path) -> IncomingFile:
         while chunk := source.read(1 << 20):
             temp.write(chunk)
     return IncomingFile(filename=path.name, temp=temp)
+
+
+def _job_stats(session_factory: sessionmaker[Session]) -> tuple[dict[str, int], dict[str, list[float]]]:
+    with session_factory() as session:
+        return repositories.job_stats(session)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -13,12 +14,45 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+# Finished jobs by state, and durations of succeeded jobs by recipe: read from the database at scrape time.
+JobStats = Callable[[], tuple[dict[str, int], dict[str, list[float]]]]
+
+
+class JobsCollector(Collector):
+    """Jobs run in other processes (a child, a Celery worker on another host); the database is the one place
+    that knows them all, so every replica reports the same totals (aggregate with max, not sum)."""
+
+    def __init__(self, stats: JobStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        try:
+            counts, durations = self._stats()
+        except Exception:
+            return  # a scrape while the database is down shows the other metrics, not an error
+        total = CounterMetricFamily("slimserve_compression_jobs", "Compression jobs by state.", labels=["state"])
+        for state, count in sorted(counts.items()):
+            total.add_metric([state], count)
+        yield total
+        histogram = HistogramMetricFamily(
+            "slimserve_compression_job_duration_seconds", "Duration of succeeded compression jobs.",
+            labels=["recipe"],
+        )
+        for recipe, values in sorted(durations.items()):
+            buckets = [(str(bound), sum(1 for v in values if v <= bound)) for bound in JOB_BUCKETS]
+            buckets.append(("+Inf", len(values)))
+            histogram.add_metric([recipe], buckets, sum_value=sum(values))
+        yield histogram
 
 
 class Metrics:
@@ -52,6 +86,7 @@ class Metrics:
             ["model", "variant"], registry=r, multiprocess_mode="max",
         )
         self._ok_children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self._jobs: JobsCollector | None = None
 
     def observe_success(
         self, *, model: str, variant: str, protocol: str, total_s: float, queue_s: float, infer_s: float,
@@ -88,11 +123,17 @@ class Metrics:
                 if labels and labels[0] == model:
                     metric.remove(*labels)
 
+    def watch_jobs(self, stats: JobStats) -> None:
+        self._jobs = JobsCollector(stats)
+        self.registry.register(self._jobs)
+
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several server processes: each writes its own files, the scrape sums them.
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            if self._jobs is not None:
+                registry.register(self._jobs)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -71,6 +71,28 @@ class Settings(BaseSettings):
     """JSON `{name: {"file": path, "samples": path}}` of models registered at start-up if missing."""
     log_level: str = "info"
     """Log level of the server and the application loggers."""
+    queue: Literal["embedded", "celery"] = "embedded"
+    """Where compression jobs run: a child process of the server, or Celery workers (`slimserve worker`)."""
+    broker_url: str | None = None
+    """Celery broker for `queue=celery`, e.g. redis://127.0.0.1:6379/0."""
+    celery_queue: str = "slimserve-jobs"
+    """Celery queue name (one per deployment sharing a broker)."""
+    celery_visibility_timeout: int = Field(default=3600, ge=10)
+    """Seconds before Redis re-delivers a job whose worker vanished without a word."""
+    embedded_workers: int = Field(default=1, ge=1, le=64)
+    """Compression jobs run at once by one server in embedded mode."""
+    worker_nice: int = Field(default=10, ge=0, le=19)
+    """CPU niceness added to compression processes, so predictions keep their latency."""
+    job_max_attempts: int = Field(default=3, ge=1, le=20)
+    """Times a job is started before it is failed for good (a worker lost mid-job counts)."""
+    job_heartbeat_seconds: float = Field(default=2.0, gt=0)
+    """How often a running job writes its progress and heartbeat."""
+    job_stale_seconds: float = Field(default=30.0, gt=0)
+    """A running job silent for this long is taken to be lost and is run again."""
+    capture_flush_seconds: float = Field(default=30.0, gt=0)
+    """How often captured prediction inputs are merged into each model's `traffic` dataset."""
+    compression_threads: int = Field(default=1, ge=1)
+    """onnxruntime/torch threads of one compression job (measurements use the same for both sides)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -95,9 +117,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _celery_needs_a_broker(self) -> Settings:
+        if self.queue == "celery" and not self.broker_url:
+            raise ValueError("SLIMSERVE_QUEUE=celery needs SLIMSERVE_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'slimserve.db').resolve()}"
+
+    def worker_env(self) -> dict[str, str]:
+        """What a job process needs to see the same database and files as this server."""
+        return {
+            "SLIMSERVE_DATA_DIR": str(self.data_dir.resolve()),
+            "SLIMSERVE_DATABASE_URL": self.resolved_database_url,
+            "SLIMSERVE_JOB_MAX_ATTEMPTS": str(self.job_max_attempts),
+            "SLIMSERVE_JOB_HEARTBEAT_SECONDS": str(self.job_heartbeat_seconds),
+            "SLIMSERVE_JOB_STALE_SECONDS": str(self.job_stale_seconds),
+            "SLIMSERVE_COMPRESSION_THREADS": str(self.compression_threads),
+            "SLIMSERVE_LOG_LEVEL": self.log_level,
+            "SLIMSERVE_QUEUE": "embedded",
+        }
 
     @property
     def auth_enabled(self) -> bool:

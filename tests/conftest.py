@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
 
 from app.main import create_app
 from app.settings import Settings
@@ -46,3 +48,35 @@ def mlp_client(client: TestClient) -> TestClient:
     response = upload(client, "mlp", MLP, MLP_SAMPLES)
     assert response.status_code == 201, response.text
     return client
+
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database per test on the machine's PostgreSQL, dropped afterwards."""
+    name = f"slimserve_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def broker() -> Iterator[tuple[str, str]]:
+    """(broker URL, queue name): a queue of this test's own on the machine's Redis, deleted afterwards."""
+    import redis
+
+    queue = f"slimserve-test-{uuid.uuid4().hex[:12]}"
+    yield f"{REDIS_URL}/0", queue
+    connection = redis.Redis.from_url(f"{REDIS_URL}/0")
+    for key in connection.scan_iter(f"*{queue}*"):
+        connection.delete(key)
+    connection.close()

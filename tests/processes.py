@@ -1,5 +1,8 @@
+"""Real server and worker processes for end-to-end tests."""
+
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,6 +65,23 @@ def start_server(data_dir: Path, port: int | None = None, **env: str) -> Server:
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not become ready:\n{log.read_text()}")
+
+
+def start_worker(log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`slimserve worker` (Celery) in its own process group, so a test can kill it with its pool children."""
+    environment = {**os.environ, **env}
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app", "worker"], cwd=REPO, env=environment, stdout=output,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(timeout=30)
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ def test_every_slimserve_variable_is_a_real_setting() -> None:
     used = set(_dockerfile_env())
     for service in COMPOSE["services"].values():
         used |= set(service.get("environment", {}))
+    assert "SLIMSERVE_QUEUE" in used
     unknown = {v for v in used if v.startswith("SLIMSERVE_")} - fields
     assert unknown == set()
 
@@ -70,11 +71,27 @@ def test_image_command_runs_the_cli_as_non_root() -> None:
         assert (REPO / source).exists(), source
 
 
-def test_prometheus_scrapes_the_server_service() -> None:
-    assert "slimserve" in COMPOSE["services"] and "prometheus" in COMPOSE["services"]
+def test_prometheus_scrapes_every_api_replica() -> None:
+    services = COMPOSE["services"]
+    assert {"api", "worker", "postgres", "redis", "prometheus"} <= set(services)
     job = PROMETHEUS["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics" and "/metrics" in _routes()
-    assert job["static_configs"][0]["targets"] == ["slimserve:8000"]
-    mounts = COMPOSE["services"]["prometheus"]["volumes"]
-    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
-    assert COMPOSE["services"]["prometheus"]["depends_on"]["slimserve"]["condition"] == "service_healthy"
+    assert job["dns_sd_configs"][0]["names"] == ["api"] and job["dns_sd_configs"][0]["port"] == 8000
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    assert services["prometheus"]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_scaled_out_deployment_shares_database_broker_and_artifacts() -> None:
+    services = COMPOSE["services"]
+    api, worker = services["api"], services["worker"]
+    assert api["deploy"]["replicas"] == 2 and worker["deploy"]["replicas"] == 2
+    for service in (api, worker):
+        env = service["environment"]
+        assert env["SLIMSERVE_QUEUE"] == "celery" and env["SLIMSERVE_BROKER_URL"].startswith("redis://redis:")
+        assert env["SLIMSERVE_DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in \
+            env["SLIMSERVE_DATABASE_URL"]
+        assert service["volumes"] == ["artifacts:/data"] and env["SLIMSERVE_DATA_DIR"] == "/data"
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["command"] == ["slimserve", "worker"]
+    assert CliRunner().invoke(cli, ["worker", "--help"]).exit_code == 0

@@ -10,7 +10,9 @@ from fastapi import Depends, Request
 
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
+from app.services.capture import TrafficCapture
 from app.services.inference import InferenceService
+from app.services.jobs import JobService
 from app.services.models import ModelService
 from app.settings import ApiKey, Settings
 from app.storage.artifacts import ArtifactStore
@@ -54,6 +56,8 @@ class Services:
     settings: Settings
     models: ModelService
     inference: InferenceService
+    jobs: JobService
+    capture: TrafficCapture
     store: ArtifactStore
     metrics: Metrics
     auth: Authenticator

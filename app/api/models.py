@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
@@ -11,6 +13,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import Admin, Reader, ServicesDep
 from app.api.multipart import UploadForm, read_upload_form
 from app.api.schemas import (
+    CaptureUpdate,
     DatasetPublic,
     DatasetsPublic,
     ModelPublic,
@@ -21,12 +24,12 @@ from app.api.schemas import (
     model_public,
     variant_public,
 )
-from app.errors import Conflict, InvalidInput, VariantNotFound
+from app.errors import Conflict, InvalidInput, SlimServeError, VariantNotFound
 from app.services.models import MODEL_SUFFIX, ORIGINAL, IncomingFile
 
 router = APIRouter(tags=["models"])
 
-UPLOAD_FIELDS = {"file", "name", "samples"}
+UPLOAD_FIELDS = {"file", "name", "samples", "compress", "promote"}
 _UPLOAD_DOC = {
     "requestBody": {
         "required": True,
@@ -42,6 +45,10 @@ _UPLOAD_DOC = {
                         "samples": {"type": "string", "format": "binary",
                                     "description": ".npz with one array per input (+ optional labels); "
                                                    "stored as the model's first dataset"},
+                        "compress": {"type": "string", "example": "int8-static",
+                                     "description": "A preset name or a recipe as JSON: starts a job at once"},
+                        "promote": {"type": "boolean", "description": "With compress: make the result the "
+                                                                      "default variant if within budget"},
                     },
                 }
             }
@@ -79,12 +86,37 @@ async def upload_model(request: Request, services: ServicesDep, _key: Admin) -> 
             raise InvalidInput("'file' must be a file and 'name' a text field")
         model_file = _incoming(form, "file")
         assert model_file is not None
+        compress = _compress_field(form)
+        promote = form.fields.get("promote", "false").strip().lower() in ("1", "true", "yes")
         row = await asyncio.to_thread(
             services.models.create, name=form.fields["name"], model=model_file, samples=_incoming(form, "samples")
         )
     finally:
         form.discard()
+    if compress is not None:
+        try:
+            await asyncio.to_thread(services.jobs.create, model_name=row.name, recipe=compress, promote=promote)
+        except SlimServeError:
+            # A refused recipe refuses the whole upload: the user sees one answer and nothing half-done.
+            await asyncio.to_thread(services.models.delete, row.name)
+            raise
     return model_public(row)
+
+
+def _compress_field(form: UploadForm) -> str | dict[str, Any] | None:
+    raw = form.fields.get("compress")
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"'compress' is neither a preset name nor valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidInput("'compress' JSON must be an object with 'steps'")
+        return parsed
+    return text
 
 
 @router.get("/models", response_model=ModelsPublic)
@@ -177,3 +209,15 @@ async def list_datasets(name: str, services: ServicesDep, _key: Reader) -> Datas
     """Datasets of a model."""
     rows = await asyncio.to_thread(services.models.list_datasets, name)
     return DatasetsPublic(datasets=[dataset_public(d) for d in rows])
+
+
+@router.put("/models/{name}/capture")
+async def enable_capture(name: str, body: CaptureUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
+    """Keep a reservoir sample of real prediction inputs as the model's `traffic` dataset."""
+    return await asyncio.to_thread(services.capture.configure, name, body.samples)
+
+
+@router.delete("/models/{name}/capture")
+async def disable_capture(name: str, services: ServicesDep, _key: Admin) -> dict[str, Any]:
+    """Stop capturing; the `traffic` dataset stays."""
+    return await asyncio.to_thread(services.capture.configure, name, None)

@@ -55,6 +55,8 @@ class ModelPublic(BaseModel):
     variants: list[VariantPublic]
     routing: RoutingPublic
     datasets: list[DatasetPublic]
+    capture: dict[str, Any] | None = Field(
+        default=None, description="Traffic capture: reservoir size and rows seen; null when off")
 
 
 class ModelsPublic(BaseModel):
@@ -90,4 +92,10 @@ def model_public(row: ModelRow) -> ModelPublic:
         variants=[variant_public(v) for v in row.variants],
         routing=RoutingPublic(**row.routing),
         datasets=[dataset_public(d) for d in row.datasets],
+        capture=(row.config or {}).get("capture"),
     )
+
+
+class CaptureUpdate(BaseModel):
+    samples: int = Field(ge=1, le=100_000, description="Reservoir size: how many prediction inputs to keep",
+                         examples=[1000])

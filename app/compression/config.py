@@ -10,7 +10,7 @@ from app.compression.errors import InvalidRecipe
 
 
 class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class QuantizeStep(_Step):
@@ -58,13 +58,13 @@ class DistillStep(_Step):
     op: Literal["distill"] = "distill"
     student: str = "current"
     """`current` (the recipe's model so far) or the name of an uploaded model with the same inputs/outputs."""
-    epochs: int = Field(default=10, ge=1, le=1000)
+    epochs: int = Field(default=50, ge=1, le=1000)
     temperature: float = Field(default=4.0, gt=0.0, le=100.0)
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     """Weight of the teacher's soft targets; 1 - alpha goes to hard labels when the dataset has them."""
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(default=64, ge=1, le=4096)
-    patience: int = Field(default=3, ge=1, le=100)
+    patience: int = Field(default=8, ge=1, le=100)
     """Epochs without improvement on the held-out split before training stops."""
 
 
@@ -72,7 +72,7 @@ Step = Annotated[QuantizeStep | PruneStep | OptimizeStep | DistillStep, Field(di
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     steps: list[Step] = Field(min_length=1, max_length=16)
     name: str | None = None
@@ -80,7 +80,7 @@ class Recipe(BaseModel):
 
 
 class Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     metric: Literal["agreement", "accuracy", "cosine"] = "agreement"
     max_drop: float = Field(default=0.01, ge=0.0, le=1.0)

@@ -42,8 +42,10 @@ class StepProgress:
         self._span = end - start
         self.stage = stage
         self.cancel = cancel
+        self._last = 0.0
 
     def __call__(self, fraction: float, detail: str | None = None) -> None:
         self.cancel.check()
-        fraction = min(max(fraction, 0.0), 1.0)
+        # Never backwards: a step's sub-stages may each count from zero.
+        fraction = self._last = min(max(fraction, self._last), 1.0)
         self._report(self._start + self._span * fraction, f"{self.stage}: {detail}" if detail else self.stage)

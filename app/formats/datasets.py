@@ -72,7 +72,9 @@ def load_dataset(path: Path, inputs: list[TensorSpec], *, display_name: str) -> 
 def batch_of(dataset: Dataset, spec: TensorSpec, rows: int) -> np.ndarray:
     """The first rows of an input, shaped and typed for the model (one sample for a fixed batch of 1)."""
     array = dataset.arrays[spec.name]
-    if spec.shape and spec.shape[0] == 1:
+    if not spec.shape:
+        return np.asarray(array[0], dtype=spec.numpy_dtype)  # a scalar input takes one sample
+    if spec.shape[0] == 1:
         rows = 1
     return np.ascontiguousarray(array[:rows], dtype=spec.numpy_dtype if spec.datatype != "BYTES" else None)
 

@@ -18,9 +18,6 @@ from app.runtime.datatypes import ORT_TO_V2, TensorSpec
 
 log = logging.getLogger(__name__)
 
-_SMOKE_ROWS = 8
-
-
 @dataclass
 class OnnxInfo:
     inputs: list[TensorSpec]
@@ -60,11 +57,10 @@ def open_session(
 def smoke_test(
     session: ort.InferenceSession, inputs: list[TensorSpec], samples: dict[str, np.ndarray] | None
 ) -> str | None:
-    """Run the model once; with samples a failure is the user's error, on zeros only a warning."""
+    """Run the model once; on samples (ready feeds) a failure is the user's error, on zeros only a warning."""
     if samples is not None:
-        feeds = {spec.name: samples[spec.name][:_SMOKE_ROWS] for spec in inputs}
         try:
-            session.run(None, feeds)
+            session.run(None, samples)
         except Exception as exc:
             raise InvalidContent(f"the model fails on the uploaded samples: {_first_line(exc)}") from None
         return None

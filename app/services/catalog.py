@@ -32,6 +32,8 @@ class ModelEntry:
     routing: dict[str, Any]
     variants: dict[str, VariantEntry]
     loaded_at: float
+    capture_samples: int | None = None
+    """Reservoir size when traffic capture is on."""
 
     @property
     def default_variant(self) -> str:
@@ -47,6 +49,7 @@ def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
         routing=dict(row.routing),
         variants={v.name: VariantEntry(v.name, v.sha256, v.size_bytes) for v in row.variants},
         loaded_at=now,
+        capture_samples=(row.config.get("capture") or {}).get("samples"),
     )
 
 

@@ -13,6 +13,7 @@ from app.errors import InvalidContent, InvalidInput, SlimServeError, VariantNotF
 from app.metrics import Metrics
 from app.runtime import codecs
 from app.runtime.sessions import LoadedSession, RunResult, SessionCache
+from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
 from app.storage.artifacts import ArtifactStore
 
@@ -40,13 +41,14 @@ class Prediction:
 class InferenceService:
     def __init__(
         self, *, catalog: Catalog, sessions: SessionCache, store: ArtifactStore, metrics: Metrics,
-        limits: codecs.Limits,
+        limits: codecs.Limits, capture: TrafficCapture | None = None,
     ) -> None:
         self._catalog = catalog
         self._sessions = sessions
         self._store = store
         self._metrics = metrics
         self._limits = limits
+        self._capture = capture
 
     async def resolve(self, name: str, variant: str | None) -> tuple[ModelEntry, str, LoadedSession]:
         entry = await self._catalog.get(name)
@@ -86,6 +88,7 @@ class InferenceService:
             codecs.check_requested_outputs(request, entry.outputs)
             wanted = [o.name for o in request.outputs] if request.outputs is not None else None
             result = await self._run(loaded, request.inputs, wanted, request.rows)
+            self._offer(entry, request.inputs, request.rows)
             payload, header = codecs.encode_v2(
                 model=name, variant=chosen, request=request, names=result.names, results=result.arrays,
                 specs=entry.outputs,
@@ -110,6 +113,7 @@ class InferenceService:
             inputs = codecs.decode_predict(payload_in, entry.inputs, self._limits)
             rows = codecs.count_rows(inputs, entry.inputs)
             result = await self._run(loaded, inputs, None, rows)
+            self._offer(entry, inputs, rows)
             elapsed_ms = (time.perf_counter() - started) * 1e3
             response: dict[str, Any] = {
                 "model": name, "variant": chosen,
@@ -123,6 +127,11 @@ class InferenceService:
                                           total_s=time.perf_counter() - started)
             raise
         return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, rows, started)
+
+    def _offer(self, entry: ModelEntry, inputs: dict[str, Any], rows: int) -> None:
+        if entry.capture_samples and self._capture is not None:
+            batched = all(spec.has_dynamic_batch for spec in entry.inputs.values())
+            self._capture.offer(entry.name, entry.capture_samples, inputs, rows, batched)
 
     async def _run(
         self, loaded: LoadedSession, inputs: dict[str, Any], wanted: list[str] | None, rows: int

@@ -136,6 +136,7 @@ class ModelService:
                 raise ModelNotFound(name)
             files = [(v.sha256, MODEL_SUFFIX) for v in row.variants]
             files += [(d.sha256, DATASET_SUFFIX) for d in row.datasets]
+            repositories.cancel_jobs_of_model(session, model_id=row.id, reason="model deleted")
             session.delete(row)
         self._catalog.invalidate(name)
         self._drop_unreferenced(files)

@@ -124,6 +124,32 @@ class ArtifactStore:
             raise _storage_error(exc) from exc
         return target
 
+    def temp_path(self, suffix: str = ".part") -> Path:
+        """A fresh path in the temp folder under this process's owner token, for tools that write files."""
+        return self._tmp / f"{self._owner}.{uuid.uuid4().hex}{suffix}.part"
+
+    def adopt(self, path: Path, suffix: str) -> tuple[str, int, Path]:
+        """Hash a finished file written by a tool, fsync it and move it into place: (sha256, size, path)."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+                os.fsync(handle.fileno())
+            target = self.path(digest.hexdigest(), suffix)
+            if target.is_file() and target.stat().st_size == size:
+                path.unlink(missing_ok=True)
+                return digest.hexdigest(), size, target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise _storage_error(exc) from exc
+        return digest.hexdigest(), size, target
+
     def write_bytes(self, data: bytes, suffix: str, what: str) -> tuple[str, Path]:
         temp = self.open_temp(max_bytes=len(data) + 1, what=what)
         try:
@@ -137,19 +163,20 @@ class ArtifactStore:
         self.path(sha256, suffix).unlink(missing_ok=True)
 
     def clean_leftovers(self) -> int:
-        """Delete temp files left by processes of this host that are gone (crashed mid-upload)."""
+        """Delete temp files left by processes of this host that are gone (crashed mid-upload or mid-job)."""
         prefix = f"{socket.gethostname()}-"
         removed = 0
         for lock_path in self._tmp.glob(f"{glob.escape(prefix)}*.lock"):
             owner = lock_path.name[: -len(".lock")]
             if owner == self._owner or not _owner_is_gone(lock_path):
                 continue
-            for leftover in self._tmp.glob(f"{glob.escape(owner)}.*.part"):
-                leftover.unlink(missing_ok=True)
-                removed += 1
+            for leftover in self._tmp.glob(f"{glob.escape(owner)}.*"):
+                if leftover != lock_path:
+                    leftover.unlink(missing_ok=True)
+                    removed += 1
             lock_path.unlink(missing_ok=True)
         if removed:
-            log.info("removed %d temp files left by interrupted uploads", removed)
+            log.info("removed %d temp files left by interrupted uploads or jobs", removed)
         return removed
 
     def close(self) -> None:

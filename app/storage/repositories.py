@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from app.storage.tables import DatasetRow, ModelRow, VariantRow
+from app.storage.tables import DatasetRow, JobRow, ModelRow, VariantRow, utcnow
 
 
 def get_model(session: Session, *, name: str) -> ModelRow | None:
@@ -48,3 +48,27 @@ def get_dataset(session: Session, *, model_id: int, dataset_id: str) -> DatasetR
 def dataset_name_taken(session: Session, *, model_id: int, name: str) -> bool:
     query = select(func.count()).where(DatasetRow.model_id == model_id, DatasetRow.name == name)
     return session.scalar(query) != 0
+
+
+def cancel_jobs_of_model(session: Session, *, model_id: int, reason: str) -> None:
+    """Queued jobs end now; running ones are asked to stop (their runner sees the flag within seconds)."""
+    session.execute(
+        update(JobRow).where(JobRow.model_id == model_id, JobRow.state == "queued")
+        .values(state="cancelled", stage=reason, finished_at=utcnow(), cancel_requested=True)
+    )
+    session.execute(
+        update(JobRow).where(JobRow.model_id == model_id, JobRow.state == "running").values(cancel_requested=True)
+    )
+
+
+def job_stats(session: Session) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """(jobs per state, durations in seconds of succeeded jobs per recipe)."""
+    counts: dict[str, int] = {str(state): int(count) for state, count in session.execute(
+        select(JobRow.state, func.count()).group_by(JobRow.state)).all()}
+    durations: dict[str, list[float]] = {}
+    finished = session.execute(select(JobRow.preset, JobRow.started_at, JobRow.finished_at).where(
+        JobRow.state == "succeeded", JobRow.started_at.is_not(None), JobRow.finished_at.is_not(None))).all()
+    for preset, started, ended in finished:
+        if started is not None and ended is not None:
+            durations.setdefault(preset or "custom", []).append((ended - started).total_seconds())
+    return counts, durations

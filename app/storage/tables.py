@@ -127,3 +127,8 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    objective: Mapped[str | None] = mapped_column(String(16))
+    preset: Mapped[str | None] = mapped_column(String(64))
+    """The preset name the user asked for (`auto` included); None for a custom recipe."""

@@ -88,6 +88,12 @@ def test_model_that_fails_on_zeros_is_accepted_with_a_warning(client: TestClient
     assert result.json()["outputs"]["r"] == [0, 5]
 
 
+def test_scalar_inputs_take_one_sample_each(client: TestClient) -> None:
+    response = upload(client, "ranged", fails_on_zeros_model(), npz_bytes(step=np.array([2, 3, 5], np.int64)))
+    assert response.status_code == 201, response.text
+    assert response.json()["warnings"] == [] and response.json()["datasets"][0]["samples"] == 3
+
+
 def test_samples_that_break_the_model_are_refused(client: TestClient, settings: Settings) -> None:
     response = upload(client, "ranged", fails_on_zeros_model(), npz_bytes(step=np.zeros(3, np.int64)))
     assert response.status_code == 422

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.compression import InvalidRecipe, PRESETS, parse_recipe
+from app.compression import PRESETS, InvalidRecipe, parse_recipe
 from app.compression.config import DistillStep, PruneStep, QuantizeStep
 
 

@@ -16,8 +16,8 @@ import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Server
 from tests.helpers import CNN, CNN_SAMPLES, MLP, MLP_SAMPLES
+from tests.processes import Server
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,97 @@
+"""Compression jobs: submit, follow, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import Admin, Reader, ServicesDep
+from app.storage.tables import JobRow
+
+router = APIRouter(tags=["compression"])
+
+
+class CompressionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"recipe": "int8-static", "budget": {"metric": "agreement", "max_drop": 0.01}, "promote": False},
+        {"recipe": {"steps": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"},
+                              {"op": "quantize", "mode": "static"}]}, "variant": "small-int8"},
+        {"recipe": "auto", "objective": "latency"},
+    ]})
+
+    recipe: str | dict[str, Any] = Field(description="A preset name (optimize, int8-dynamic, int8-static, fp16, "
+                                                     "int4-weight, prune-50, shrink-50, auto) or {'steps': [...]}")
+    dataset: str | None = Field(default=None, description="Dataset id or name; default: the model's first dataset")
+    variant: str | None = Field(default=None, description="Name of the result; default: the preset's name")
+    budget: dict[str, Any] | None = Field(default=None, description="{'metric': agreement|accuracy|cosine, "
+                                                                    "'max_drop': 0.01}")
+    promote: bool = Field(default=False, description="Make the result the default variant if within budget")
+    objective: str | None = Field(default=None, description="auto only: size | latency | balanced")
+
+
+class JobPublic(BaseModel):
+    id: str
+    model: str
+    recipe: str | dict[str, Any]
+    state: str = Field(description="queued | running | succeeded | failed | cancelled")
+    progress: float = Field(description="0..1")
+    stage: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    variant: str | None
+    candidates: list[dict[str, Any]] | None = Field(description="auto: every candidate's report")
+    report: dict[str, Any] | None = Field(description="The measured report (also kept when a budget was missed)")
+    attempts: int
+    promote: bool
+    dataset: str | None
+    cancel_requested: bool
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]
+
+
+def job_public(row: JobRow) -> JobPublic:
+    return JobPublic(
+        id=row.id, model=row.model_name, recipe=row.preset or row.recipe, state=row.state, progress=row.progress,
+        stage=row.stage, created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+        error=row.error, variant=row.variant, candidates=row.candidates, report=row.report, attempts=row.attempts,
+        promote=row.promote, dataset=row.dataset_id, cancel_requested=row.cancel_requested,
+    )
+
+
+@router.post("/models/{name}/compressions", status_code=HTTPStatus.ACCEPTED, response_model=JobPublic)
+async def compress(name: str, body: CompressionCreate, services: ServicesDep, _key: Admin) -> JobPublic:
+    """Start a compression job; the original keeps serving while it runs."""
+    job = await asyncio.to_thread(
+        services.jobs.create, model_name=name, recipe=body.recipe, dataset=body.dataset, variant=body.variant,
+        budget=body.budget, promote=body.promote, objective=body.objective,
+    )
+    return job_public(job)
+
+
+@router.get("/jobs", response_model=JobsPublic)
+async def list_jobs(services: ServicesDep, _key: Reader, model: str | None = None,
+                    state: str | None = None, limit: int = Query(default=100, ge=1, le=1000)) -> JobsPublic:
+    """Jobs, newest first."""
+    rows = await asyncio.to_thread(services.jobs.list, model=model, state=state, limit=limit)
+    return JobsPublic(jobs=[job_public(r) for r in rows])
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+async def get_job(job_id: str, services: ServicesDep, _key: Reader) -> JobPublic:
+    """One job with its progress and stage."""
+    return job_public(await asyncio.to_thread(services.jobs.get, job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobPublic, status_code=HTTPStatus.ACCEPTED)
+async def cancel_job(job_id: str, services: ServicesDep, _key: Admin) -> JobPublic:
+    """Cancel: a queued job ends at once, a running one stops within seconds and leaves nothing behind."""
+    return job_public(await asyncio.to_thread(services.jobs.cancel, job_id))

@@ -1,0 +1,130 @@
+"""The `transformer` optimize level: fusions, each kept only if the measurements say it pays on this CPU.
+
+Measured on the tiny transformer (hidden 64, one thread): our packed-QKV Attention fusion is faster at every
+batch size, while onnxruntime's SkipLayerNormalization fusion is 15-25% slower than the Add + LayerNormalization
+pair it replaces. So every fusion family that fires is tried without, one at a time, and dropped when the
+model is faster without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnxruntime.transformers.fusion_options import FusionOptions
+from onnxruntime.transformers.optimizer import optimize_model
+
+from app.compression import graph
+from app.compression._optimize_attention import Fused, fuse_attention
+from app.compression._quant_graph import op_counts, prune_opsets
+
+# family -> (FusionOptions switches, op types that show it fired)
+FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "attention": (("enable_attention",), ("Attention", "MultiHeadAttention")),
+    "skip_layer_norm": (("enable_skip_layer_norm", "enable_bias_skip_layer_norm"),
+                        ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")),
+    "gelu": (("enable_gelu", "enable_bias_gelu"), ("Gelu", "BiasGelu", "FastGelu")),
+    "layer_norm": (("enable_layer_norm",), ("LayerNormalization", "SimplifiedLayerNormalization")),
+    "embed_layer_norm": (("enable_embed_layer_norm",), ("EmbedLayerNormalization",)),
+}
+# A variant must beat the current one by this factor (geometric mean over batch sizes) to replace it.
+_BETTER_BY = 1.03
+
+Check = Callable[[Path], dict[str, Any] | None]
+"""Outputs against the input model; raises StepFailed when they differ."""
+Speed = Callable[[Path], dict[str, float]]
+"""Speedup against the input model per batch size."""
+
+
+@dataclass
+class Variant:
+    disabled: frozenset[str]
+    path: Path
+    fired: list[str]
+    statistics: dict[str, int]
+    fidelity: dict[str, Any] | None
+    speedup: dict[str, float] = field(default_factory=dict)
+
+    def score(self) -> float:
+        return math.exp(sum(math.log(v) for v in self.speedup.values()) / len(self.speedup)) if self.speedup else 1.0
+
+
+class TransformerFusions:
+    def __init__(self, model: Path, workdir: Path, check: Check) -> None:
+        self.model, self.workdir, self.check = model, workdir, check
+        self.notes: dict[str, Any] = {"optimizer": "onnxruntime.transformers.optimizer", "model_type": "bert"}
+        self.fused_proto, self.fused = self._packed_attention()
+
+    def _packed_attention(self) -> tuple[onnx.ModelProto | None, Fused]:
+        proto = graph.load(self.model)
+        fused = fuse_attention(proto)
+        self.notes["packed_attention_fused"] = fused.count
+        if not fused.count:
+            return None, fused
+        path = graph.save(proto, self.workdir / "packed-attention.onnx")
+        try:
+            self.check(path)
+        except Exception as exc:  # StepFailed: a wrong match; the optimizer's own fusions still run
+            self.notes.update({"packed_attention_fused": 0, "packed_attention_rejected": str(exc)})
+            return None, Fused(0, 0, 0)
+        return proto, fused
+
+    def build(self, disabled: frozenset[str]) -> Variant:
+        options = FusionOptions("bert")
+        for family in disabled:
+            for switch in FAMILIES[family][0]:
+                setattr(options, switch, False)
+        use_ours = self.fused_proto is not None and "attention" not in disabled
+        source = self.fused_proto if use_ours and self.fused_proto is not None else graph.load(self.model)
+        heads, hidden = (self.fused.num_heads, self.fused.hidden_size) if self.fused.count else (0, 0)
+        # opt_level 0: Python fusions only, so the saved graph has no provider-specific layout.
+        optimized = optimize_model(_copy(source), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                   opt_level=0, optimization_options=options)
+        result: onnx.ModelProto = optimized.model
+        prune_opsets(result)
+        tag = "-".join(sorted(disabled)) or "all"
+        path = graph.save(result, self.workdir / f"transformer-{tag}.onnx")
+        statistics = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        return Variant(disabled, path, _fired(self.model, result), statistics, self.check(path))
+
+    def search(self, speed: Speed | None) -> Variant:
+        """All fusions, then each fired family dropped in turn, kept dropped when that is measurably faster."""
+        best = self.build(frozenset())
+        tried = [best]
+        if speed is not None:
+            best.speedup = speed(best.path)
+            for family in list(best.fired):
+                variant = self.build(best.disabled | {family})
+                variant.speedup = speed(variant.path)
+                tried.append(variant)
+                if variant.score() > best.score() * _BETTER_BY:
+                    best = variant
+        heads = self.fused.num_heads
+        self.notes.update({
+            "num_heads": heads, "hidden_size": self.fused.hidden_size,
+            "num_heads_source": "detected from the attention blocks" if heads else "0: the optimizer infers it",
+            "fusions_kept": best.fired, "fusions_dropped": sorted(best.disabled),
+            "optimizer_statistics": best.statistics, "fidelity": best.fidelity,
+            "fusion_search": [{"without": sorted(v.disabled), "fired": v.fired, "speedup": v.speedup}
+                              for v in tried],
+        })
+        return best
+
+
+def _fired(model: Path, result: onnx.ModelProto) -> list[str]:
+    before, after = op_counts(graph.load(model)), op_counts(result)
+
+    def grew(op: str) -> bool:
+        return any(after.get(name, 0) > before.get(name, 0) for name in (op, f"com.microsoft:{op}"))
+
+    return [family for family, (_, ops) in FAMILIES.items() if any(grew(op) for op in ops)]
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(proto)
+    return copied

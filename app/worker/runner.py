@@ -1,0 +1,289 @@
+"""Runs one compression job wherever it is called (embedded child process or Celery task): claim, compress,
+publish the variant atomically, or record why not."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.compression import data as model_data
+from app.compression.config import AUTO, Budget, Recipe
+from app.compression.errors import Cancelled, CompressionError
+from app.compression.graph import io_info
+from app.compression.progress import CancelToken
+from app.compression.recipes import run_recipe
+from app.compression.search import Objective, search
+from app.storage import repositories
+from app.storage.artifacts import ArtifactStore
+from app.storage.db import transaction
+from app.storage.tables import DatasetRow, JobRow, ModelRow, VariantRow, utcnow
+
+log = logging.getLogger(__name__)
+
+MODEL_SUFFIX = ".onnx"
+DATASET_SUFFIX = ".npz"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_is_dead(worker: str | None) -> bool:
+    """True only when the worker ran on this host and its process is gone; other hosts are judged by heartbeat."""
+    if not worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _Heartbeat(threading.Thread):
+    """Writes progress and a heartbeat while the job runs, and turns a cancel request into a cancelled token.
+
+    A thread, because some stages (calibration, a long epoch) call back rarely; silence would look like death.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str, me: str, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self._factory, self._job_id, self._me, self._interval = factory, job_id, me, interval
+        self.token = CancelToken()
+        self.progress, self.stage = 0.0, "starting"
+        self._stop = threading.Event()
+
+    def report(self, fraction: float, stage: str) -> None:
+        self.progress, self.stage = fraction, stage[:128]
+        self.token.check()
+
+    def run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            with transaction(self._factory) as session:
+                session.execute(
+                    update(JobRow).where(JobRow.id == self._job_id, JobRow.worker == self._me,
+                                         JobRow.state == "running")
+                    .values(progress=round(self.progress, 4), stage=self.stage, heartbeat_at=utcnow())
+                )
+                if session.scalar(select(JobRow.cancel_requested).where(JobRow.id == self._job_id)):
+                    self.token.cancel()
+        except Exception:  # the database may blink; the job itself must not die of it
+            log.warning("heartbeat of job %s failed", self._job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class JobRunner:
+    def __init__(
+        self, *, session_factory: sessionmaker[Session], store: ArtifactStore, max_attempts: int,
+        heartbeat_seconds: float, stale_seconds: float, threads: int = 1,
+    ) -> None:
+        self._factory = session_factory
+        self._store = store
+        self._max_attempts = max_attempts
+        self._heartbeat_seconds = heartbeat_seconds
+        self._stale = timedelta(seconds=stale_seconds)
+        self._threads = threads
+        self._me = worker_id()
+
+    def run(self, job_id: str) -> str:
+        """Returns the job's state afterwards; 'skipped' when another worker owns it or it is finished."""
+        job = self._claim(job_id)
+        if job is None:
+            return "skipped"
+        heartbeat = _Heartbeat(self._factory, job_id, self._me, self._heartbeat_seconds)
+        heartbeat.start()
+        output = self._store.temp_path(MODEL_SUFFIX)
+        pinned: list[Path] = []
+        started = time.monotonic()
+        try:
+            result = self._compress(job, output, heartbeat, pinned)
+            state = self._publish(job, output, result, time.monotonic() - started)
+        except Cancelled:
+            state = self._finish(job_id, "cancelled", error=None, stage="cancelled")
+        except Exception as exc:
+            heartbeat.beat()
+            if heartbeat.token.cancelled:
+                # Asked to stop (or its model was deleted): whatever broke on the way out is not the story.
+                state = self._finish(job_id, "cancelled", error=None, stage="cancelled")
+            elif isinstance(exc, CompressionError):
+                state = self._finish(job_id, "failed", error=str(exc), stage="failed")
+            else:
+                log.exception("job %s failed unexpectedly", job_id)
+                state = self._finish(job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}",
+                                     stage="failed")
+        finally:
+            heartbeat.stop()
+            for path in (output, output.with_suffix(".recipe.json"), *pinned):
+                path.unlink(missing_ok=True)
+        log.info("job %s %s after %.1f s", job_id, state, time.monotonic() - started)
+        return state
+
+    def _claim(self, job_id: str) -> JobRow | None:
+        """Atomically take a queued job, or a running one whose worker is gone; one winner, always."""
+        with self._factory() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or job.state not in ("queued", "running"):
+                return None
+            if job.state == "running" and not pid_is_dead(job.worker) and job.heartbeat_at is not None \
+                    and utcnow() - job.heartbeat_at < self._stale:
+                return None
+            if job.attempts >= self._max_attempts:
+                self._finish(job_id, "failed", stage="failed", any_owner=True, error=(
+                    f"gave up after {job.attempts} attempts: the worker running it was lost each time "
+                    "(killed, or out of memory)"))
+                return None
+            previous = (job.state, job.worker, job.attempts)
+        now = utcnow()
+        with transaction(self._factory) as session:
+            claimed = _rowcount(session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == previous[0], JobRow.attempts == previous[2],
+                       or_(JobRow.worker.is_(None), JobRow.worker == previous[1]), JobRow.cancel_requested.is_(False))
+                .values(state="running", attempts=previous[2] + 1, worker=self._me, heartbeat_at=now,
+                        started_at=now, stage="starting", progress=0.0, error=None)
+            ))
+        if not claimed:
+            return None
+        with self._factory() as session:
+            return session.get(JobRow, job_id)
+
+    def _compress(self, job: JobRow, output: Path, heartbeat: _Heartbeat, pinned: list[Path]) -> Any:
+        with self._factory() as session:
+            model = session.get(ModelRow, job.model_id) if job.model_id is not None else None
+            if model is None:
+                raise CompressionError(f"model '{job.model_name}' was deleted before the job ran")
+            original = self._pin(self._store.path(model.sha256, MODEL_SUFFIX), pinned)
+            dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
+            dataset_path = self._pin(self._store.path(dataset.sha256, DATASET_SUFFIX), pinned) if dataset else None
+        inputs, _ = io_info(original)
+        data = model_data.from_npz(dataset_path, inputs) if dataset_path else None
+        budget = Budget.model_validate(job.budget) if job.budget else None
+        if job.preset == AUTO:
+            objective: Objective = job.objective if job.objective in ("size", "latency") else "balanced"  # type: ignore[assignment]
+            return search(original=original, output=output, data=data, budget=budget, objective=objective,
+                          progress=heartbeat.report, cancel=heartbeat.token, threads=self._threads,
+                          resolve_model=self._resolve_model)
+        return run_recipe(original=original, output=output, recipe=Recipe.model_validate(job.recipe), data=data,
+                          budget=budget, progress=heartbeat.report, cancel=heartbeat.token, threads=self._threads,
+                          resolve_model=self._resolve_model)
+
+    def _pin(self, path: Path, pinned: list[Path]) -> Path:
+        """A private hard link: deleting the model meanwhile cannot pull the file from under the job."""
+        private = self._store.temp_path(path.suffix)
+        try:
+            os.link(path, private)
+        except OSError:
+            shutil.copyfile(path, private)
+        pinned.append(private)
+        return private
+
+    def _resolve_model(self, name: str) -> Path:
+        with self._factory() as session:
+            row = repositories.get_model(session, name=name)
+            if row is None:
+                raise CompressionError(f"model '{name}' does not exist")
+            return self._store.path(row.sha256, MODEL_SUFFIX)
+
+    def _publish(self, job: JobRow, output: Path, result: Any, seconds: float) -> str:
+        report: dict[str, Any] | None = result.report
+        candidates = getattr(result, "candidates", None)
+        if job.preset == AUTO and result.output is None:
+            return self._finish(job.id, "failed", stage="failed", candidates=candidates, error=(
+                "no candidate met the budget (or all were slower than the original): "
+                + "; ".join(_candidate_summary(c) for c in candidates or [])))
+        assert report is not None
+        if job.promote and not report["within_budget"]:
+            return self._finish(job.id, "failed", stage="failed", report=report, candidates=candidates, error=(
+                f"not promoted and not kept: the result misses the budget ({_budget_summary(report)}); "
+                "the model is unchanged"))
+        sha, size, _ = self._store.adopt(output, MODEL_SUFFIX)
+        sidecar = output.with_suffix(".recipe.json")
+        if sidecar.is_file():
+            self._store.adopt(sidecar, ".json")
+        recipe = job.recipe if job.preset != AUTO else {"preset": AUTO, "winner": getattr(result, "winner", None)}
+        try:
+            with transaction(self._factory) as session:
+                owned = _rowcount(session.execute(
+                    update(JobRow).where(JobRow.id == job.id, JobRow.worker == self._me, JobRow.state == "running",
+                                         JobRow.cancel_requested.is_(False))
+                    .values(state="succeeded", progress=1.0, stage="done", finished_at=utcnow(), report=report,
+                            candidates=candidates, error=None)
+                ))
+                if not owned:
+                    raise Cancelled("the job was cancelled or taken over before it could publish")
+                model = session.get(ModelRow, job.model_id)
+                if model is None:
+                    raise CompressionError(f"model '{job.model_name}' was deleted while the job ran")
+                session.add(VariantRow(model_id=model.id, name=job.variant, recipe=recipe, parent="original",
+                                       sha256=sha, size_bytes=size, report=report))
+                if job.promote:
+                    model.routing = {**model.routing, "default": job.variant}
+        except IntegrityError:
+            return self._finish(job.id, "failed", stage="failed", error=(
+                f"a variant named '{job.variant}' appeared while the job ran; nothing was published"))
+        except Cancelled:
+            self._drop_if_unused(sha)
+            raise
+        log.info("published %s/%s (%d bytes) in %.1f s", job.model_name, job.variant, size, seconds)
+        return "succeeded"
+
+    def _drop_if_unused(self, sha: str) -> None:
+        with self._factory() as session:
+            if not repositories.artifact_in_use(session, sha256=sha):
+                self._store.remove(sha, MODEL_SUFFIX)
+
+    def _finish(self, job_id: str, state: str, *, error: str | None, stage: str,
+                report: dict[str, Any] | None = None, candidates: list[dict[str, Any]] | None = None,
+                any_owner: bool = False) -> str:
+        # Only the owner may finish a running job: a worker that lost it must not overwrite the new owner's work.
+        owned = JobRow.state.in_(("queued", "running")) if any_owner else or_(
+            JobRow.state == "queued", and_(JobRow.state == "running", JobRow.worker == self._me))
+        with transaction(self._factory) as session:
+            session.execute(
+                update(JobRow).where(JobRow.id == job_id, owned)
+                .values(state=state, stage=stage, error=error, finished_at=utcnow(), report=report,
+                        candidates=candidates)
+            )
+        return state
+
+
+def _budget_summary(report: dict[str, Any]) -> str:
+    budget, fidelity = report.get("budget") or {}, report["fidelity"]
+    metric = budget.get("metric", "agreement")
+    value = {"agreement": fidelity.get("agreement"), "cosine": fidelity.get("cosine_mean"),
+             "accuracy": fidelity.get("accuracy")}.get(metric)
+    return f"{metric} {value} with max drop {budget.get('max_drop')}"
+
+
+def _candidate_summary(candidate: dict[str, Any]) -> str:
+    if candidate.get("error"):
+        return f"{candidate['name']}: {candidate['error']}"
+    report = candidate["report"]
+    return (f"{candidate['name']}: size {report['size_ratio']}x, speedup {report['speedup']}, "
+            f"{_budget_summary(report)}, {'within' if report['within_budget'] else 'over'} budget")
+
+
+def _rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE (typed loosely by SQLAlchemy as a plain Result)."""
+    return int(result.rowcount)
