@@ -83,6 +83,16 @@ def check_step_output(original: Path, candidate: Path, step: str) -> None:
                 raise StepFailed(f"{step} changed the shape of {kind[:-1]} '{w.name}' from {w.shape} to {g.shape}")
 
 
+def model_family(model: onnx.ModelProto) -> str:
+    """`cnn`, `transformer` or `mlp`: which recipes are worth trying."""
+    ops = {node.op_type for node in model.graph.node}
+    if "Conv" in ops:
+        return "cnn"
+    if ops & {"Softmax", "LayerNormalization", "Attention", "MultiHeadAttention"} and ops & {"MatMul", "Gemm"}:
+        return "transformer"
+    return "mlp"
+
+
 def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     """(elements, non-zero elements) over every initializer."""
     total = nonzero = 0

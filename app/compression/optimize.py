@@ -52,7 +52,8 @@ def run(model: Path, output: Path, step: OptimizeStep, ctx: StepContext) -> dict
     """
     if not isinstance(step, OptimizeStep):
         raise InvalidRecipe(f"the optimize step got a '{getattr(step, 'op', type(step).__name__)}' configuration")
-    ctx.progress(0.0, step.level)
+    level = resolve_level(step.level, model)
+    ctx.progress(0.0, level)
     before = op_counts(graph.load(model))
     data = sample_data(model, ctx, _CHECK_SAMPLES)
     reference = Reference(model, data, ctx.threads) if data is not None else None
@@ -60,25 +61,33 @@ def run(model: Path, output: Path, step: OptimizeStep, ctx: StepContext) -> dict
     def check(candidate: Path) -> dict[str, Any] | None:
         return _checked(reference, candidate)
 
-    if step.level == "transformer":
+    if level == "transformer":
         fusions = TransformerFusions(model, ctx.workdir, check)
         ctx.progress(0.2, "transformer fusions")
         speed = None if data is None else (lambda candidate: _speedups(model, candidate, data, ctx)[1])
         _save(graph.load(fusions.search(speed).path), output)
         notes = fusions.notes
     else:
-        notes = {"onnxruntime_level": LEVELS[step.level].name}
-        _save(_ort_optimized(model, step.level, ctx.workdir), output)
+        notes = {"onnxruntime_level": LEVELS[level].name}
+        _save(_ort_optimized(model, level, ctx.workdir), output)
         notes["fidelity"] = check(output)
     ctx.progress(0.8, "measuring latency")
     after = op_counts(graph.load(output))
     notes.update({
-        "level": step.level, "op_counts": {"input": before, "output": after},
+        "level": level, "level_requested": step.level, "op_counts": {"input": before, "output": after},
         "nodes": {"input": sum(before.values()), "output": sum(after.values())},
         "fused": _fused(before, after), **_timing(model, output, data, ctx),
     })
     ctx.progress(1.0, "optimized")
     return notes
+
+
+def resolve_level(level: str, model: Path) -> str:
+    """`auto`: the transformer fusions where the graph is a transformer, else onnxruntime's basic level
+    (constant folding and clean-ups that every later step can still work on)."""
+    if level != "auto":
+        return level
+    return "transformer" if graph.model_family(graph.load(model)) == "transformer" else "basic"
 
 
 def _ort_optimized(model: Path, level: str, workdir: Path) -> onnx.ModelProto:

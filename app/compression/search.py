@@ -21,14 +21,13 @@ Family = Literal["transformer", "cnn", "mlp"]
 
 _STEPS: dict[str, list[dict[str, Any]]] = {
     "optimize-transformer": [{"op": "optimize", "level": "transformer"}],
-    "optimize+int8-dynamic": [{"op": "optimize", "level": "extended"}, {"op": "quantize", "mode": "dynamic"}],
     "shrink-50+int8-static": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"},
                               {"op": "quantize", "mode": "static"}],
     "shrink-50+int8-dynamic": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"},
                                {"op": "quantize", "mode": "dynamic"}],
 }
 CANDIDATES: dict[Family, list[str]] = {
-    "transformer": ["optimize-transformer", "optimize+int8-dynamic", "int4-weight", "fp16"],
+    "transformer": ["optimize-transformer", "int8-dynamic", "int4-weight", "fp16"],
     "cnn": ["int8-static", "shrink-50", "shrink-50+int8-static"],
     "mlp": ["int8-dynamic", "int8-static", "shrink-50", "shrink-50+int8-dynamic"],
 }
@@ -45,12 +44,8 @@ class SearchResult:
 
 
 def model_family(path: Path) -> Family:
-    ops = {node.op_type for node in graph.load(path).graph.node}
-    if "Conv" in ops:
-        return "cnn"
-    if ops & {"Softmax", "LayerNormalization", "Attention", "MultiHeadAttention"} and ops & {"MatMul", "Gemm"}:
-        return "transformer"
-    return "mlp"
+    family: Family = graph.model_family(graph.load(path))  # type: ignore[assignment]
+    return family
 
 
 def candidate_recipe(name: str) -> Recipe:
