@@ -8,7 +8,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 WORKDIR /src
 # Dependencies in their own layer, so code changes do not reinstall them.
 COPY pyproject.toml README.md ./
-RUN mkdir app && touch app/__init__.py && pip install . && pip uninstall -y slimserve
+RUN mkdir app && touch app/__init__.py && pip install ".[s3]" && pip uninstall -y slimserve
 COPY app ./app
 RUN pip install --no-deps .
 

@@ -76,12 +76,12 @@ def worker(
 
 
 def _run_one_job(settings: Settings, job_id: str) -> str:
-    from app.storage.artifacts import ArtifactStore
     from app.storage.db import make_engine, make_session_factory
+    from app.storage.factory import open_store
     from app.worker.runner import JobRunner
 
     engine = make_engine(settings.resolved_database_url)
-    store = ArtifactStore(settings.data_dir)
+    store = open_store(settings)
     try:
         return JobRunner(
             session_factory=make_session_factory(engine), store=store, max_attempts=settings.job_max_attempts,

@@ -27,6 +27,7 @@ from app.settings import PreloadModel, Settings
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
 from app.storage.db import make_engine, make_session_factory, migrate
+from app.storage.factory import open_store
 from app.worker.queue import make_queue
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.resolved_database_url)
         await asyncio.to_thread(migrate, engine)
         session_factory = make_session_factory(engine)
-        store = ArtifactStore(settings.data_dir)
+        store = open_store(settings)
         store.clean_leftovers()
         catalog = Catalog(session_factory, settings.catalog_ttl_seconds)
         sessions = SessionCache(SessionConfig(

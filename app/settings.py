@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,6 +40,10 @@ class Settings(BaseSettings):
     """Port the HTTP server listens on."""
     data_dir: Path = Path("var")
     """Directory for artifacts, temporary uploads and (by default) the SQLite database."""
+    storage_url: str | None = None
+    """Shared artifact storage every node sees, as an fsspec URL (s3://bucket/prefix); data_dir is then a cache."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """JSON options for the fsspec filesystem (e.g. {"client_kwargs": {"endpoint_url": ...}})."""
     database_url: str | None = None
     """SQLAlchemy URL of the metadata database; default: SQLite file `<data_dir>/slimserve.db`."""
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(default_factory=list)
@@ -138,6 +143,8 @@ class Settings(BaseSettings):
             "SLIMSERVE_COMPRESSION_THREADS": str(self.compression_threads),
             "SLIMSERVE_LOG_LEVEL": self.log_level,
             "SLIMSERVE_QUEUE": "embedded",
+            **({"SLIMSERVE_STORAGE_URL": self.storage_url,
+                "SLIMSERVE_STORAGE_OPTIONS": json.dumps(self.storage_options)} if self.storage_url else {}),
         }
 
     @property

@@ -165,7 +165,7 @@ async def download_variant(name: str, variant: str, services: ServicesDep, _key:
     row = await asyncio.to_thread(services.models.get, name)
     for candidate in row.variants:
         if candidate.name == variant:
-            path = services.store.path(candidate.sha256, MODEL_SUFFIX)
+            path = await asyncio.to_thread(services.store.local, candidate.sha256, MODEL_SUFFIX)
             return FileResponse(path, media_type="application/octet-stream",
                                 filename=f"{name}-{variant}{MODEL_SUFFIX}")
     raise VariantNotFound(name, variant)

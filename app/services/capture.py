@@ -133,7 +133,7 @@ class TrafficCapture:
         mine = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
         merged = mine
         if stored is not None:
-            with np.load(self._store.path(stored.sha256, DATASET_SUFFIX), allow_pickle=False) as archive:
+            with np.load(self._store.local(stored.sha256, DATASET_SUFFIX), allow_pickle=False) as archive:
                 theirs = {name: archive[name] for name in archive.files}
             if all(theirs[n].shape[1:] == mine[n].shape[1:] for n in mine if n in theirs):
                 merged = _merge(theirs, stored_seen, mine, seen, size, self._random)

@@ -58,7 +58,7 @@ class InferenceService:
             raise VariantNotFound(name, chosen)
         loaded = self._sessions.get_loaded(target.sha256)
         if loaded is None:
-            path = self._store.path(target.sha256, MODEL_SUFFIX)
+            path = await asyncio.to_thread(self._store.local, target.sha256, MODEL_SUFFIX)
             loaded = await asyncio.to_thread(self._sessions.open, target.sha256, path, f"{name}/{chosen}")
             self._metrics.model_size.labels(name, chosen).set(target.size_bytes)
         return entry, chosen, loaded

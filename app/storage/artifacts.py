@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from app.errors import InsufficientStorage, TooLarge
+from app.storage.remote import RemoteArtifacts
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,15 @@ class TempWriter:
 
 
 class ArtifactStore:
-    """Files named by their sha256 under `<root>/artifacts`; temp files under `<root>/tmp`."""
+    """Files named by their sha256 under `<root>/artifacts`; temp files under `<root>/tmp`.
 
-    def __init__(self, root: Path) -> None:
+    With a remote (shared storage), the remote holds every artifact and `<root>/artifacts` is this node's cache:
+    files are uploaded when committed and fetched, checked against their hash, when first read.
+    """
+
+    def __init__(self, root: Path, remote: RemoteArtifacts | None = None) -> None:
         self.root = root.resolve()
+        self._remote = remote
         self._artifacts = self.root / "artifacts"
         self._tmp = self.root / "tmp"
         self._artifacts.mkdir(parents=True, exist_ok=True)
@@ -99,7 +105,35 @@ class ArtifactStore:
         return self._artifacts / sha256[:2] / f"{sha256}{suffix}"
 
     def exists(self, sha256: str, suffix: str) -> bool:
+        if self._remote is not None:
+            return self._remote.exists(self._remote.key(sha256, suffix))
         return self.path(sha256, suffix).is_file()
+
+    def local(self, sha256: str, suffix: str) -> Path:
+        """The artifact as a local file; from shared storage it is fetched into the cache first (blocking)."""
+        path = self.path(sha256, suffix)
+        if path.is_file() or self._remote is None:
+            return path
+        temp = self.temp_path(suffix)
+        try:
+            self._remote.get(self._remote.key(sha256, suffix), temp)
+            digest = hashlib.sha256()
+            with open(temp, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise OSError(f"artifact {sha256[:12]} from shared storage does not match its hash")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, path)
+        except FileNotFoundError:
+            log.warning("artifact %s%s is missing from shared storage", sha256[:12], suffix)
+        finally:
+            temp.unlink(missing_ok=True)
+        return path
+
+    def _publish(self, path: Path, sha256: str, suffix: str) -> None:
+        if self._remote is not None:
+            self._remote.put(path, self._remote.key(sha256, suffix))
 
     def open_temp(self, *, max_bytes: int, what: str) -> TempWriter:
         path = self._tmp / f"{self._owner}.{uuid.uuid4().hex}.part"
@@ -115,10 +149,11 @@ class ArtifactStore:
         try:
             if target.is_file() and target.stat().st_size == temp.size:
                 temp.discard()
-                return target
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp.path, target)
-            _fsync_dir(target.parent)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp.path, target)
+                _fsync_dir(target.parent)
+            self._publish(target, temp.sha256, suffix)
         except OSError as exc:
             temp.discard()
             raise _storage_error(exc) from exc
@@ -141,10 +176,11 @@ class ArtifactStore:
             target = self.path(digest.hexdigest(), suffix)
             if target.is_file() and target.stat().st_size == size:
                 path.unlink(missing_ok=True)
-                return digest.hexdigest(), size, target
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-            _fsync_dir(target.parent)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                _fsync_dir(target.parent)
+            self._publish(target, digest.hexdigest(), suffix)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise _storage_error(exc) from exc
@@ -161,6 +197,8 @@ class ArtifactStore:
 
     def remove(self, sha256: str, suffix: str) -> None:
         self.path(sha256, suffix).unlink(missing_ok=True)
+        if self._remote is not None:
+            self._remote.remove(self._remote.key(sha256, suffix))
 
     def clean_leftovers(self) -> int:
         """Delete temp files left by processes of this host that are gone (crashed mid-upload or mid-job)."""

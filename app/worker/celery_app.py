@@ -30,8 +30,8 @@ def make_celery(settings: Settings) -> Celery:
 
 def make_worker_app(settings: Settings) -> Celery:
     """The worker side: the task builds its runner once per process."""
-    from app.storage.artifacts import ArtifactStore
     from app.storage.db import make_engine, make_session_factory, migrate
+    from app.storage.factory import open_store
     from app.worker.runner import JobRunner
 
     app = make_celery(settings)
@@ -42,7 +42,7 @@ def make_worker_app(settings: Settings) -> Celery:
             engine = make_engine(settings.resolved_database_url)
             migrate(engine)
             state["runner"] = JobRunner(
-                session_factory=make_session_factory(engine), store=ArtifactStore(settings.data_dir),
+                session_factory=make_session_factory(engine), store=open_store(settings),
                 max_attempts=settings.job_max_attempts, heartbeat_seconds=settings.job_heartbeat_seconds,
                 stale_seconds=settings.job_stale_seconds, threads=settings.compression_threads,
             )

@@ -173,9 +173,9 @@ class JobRunner:
             model = session.get(ModelRow, job.model_id) if job.model_id is not None else None
             if model is None:
                 raise CompressionError(f"model '{job.model_name}' was deleted before the job ran")
-            original = self._pin(self._store.path(model.sha256, MODEL_SUFFIX), pinned)
+            original = self._pin(self._store.local(model.sha256, MODEL_SUFFIX), pinned)
             dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
-            dataset_path = self._pin(self._store.path(dataset.sha256, DATASET_SUFFIX), pinned) if dataset else None
+            dataset_path = self._pin(self._store.local(dataset.sha256, DATASET_SUFFIX), pinned) if dataset else None
         inputs, _ = io_info(original)
         data = model_data.from_npz(dataset_path, inputs) if dataset_path else None
         budget = Budget.model_validate(job.budget) if job.budget else None
@@ -203,7 +203,7 @@ class JobRunner:
             row = repositories.get_model(session, name=name)
             if row is None:
                 raise CompressionError(f"model '{name}' does not exist")
-            return self._store.path(row.sha256, MODEL_SUFFIX)
+            return self._store.local(row.sha256, MODEL_SUFFIX)
 
     def _publish(self, job: JobRow, output: Path, result: Any, seconds: float) -> str:
         report: dict[str, Any] | None = result.report
