@@ -37,6 +37,15 @@ _STEP_MODULES = {
 
 
 @dataclass
+class Checkpoint:
+    """Steps already done: the model after step `done - 1`, and their notes; a rerun starts at step `done`."""
+
+    done: int
+    model: Path
+    notes: list[dict[str, Any]]
+
+
+@dataclass
 class RecipeResult:
     output: Path
     report: dict[str, Any]
@@ -74,6 +83,7 @@ def run_recipe(
     *, original: Path, output: Path, recipe: Recipe, data: ModelData | None = None, budget: Budget | None = None,
     progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None, seed: int = 0, threads: int = 1,
     resolve_model: Callable[[str], Path] | None = None, split: tuple[ModelData | None, ModelData] | None = None,
+    resume: Checkpoint | None = None, on_step: Callable[[Checkpoint], None] | None = None,
 ) -> RecipeResult:
     """Apply `recipe` to `original`, write the result to `output` (plus a `.recipe.json` sidecar).
 
@@ -86,6 +96,8 @@ def run_recipe(
         progress: called with (fraction of the whole run, stage).
         cancel: checked between and inside steps.
         split: an already split (shaping, held-out) pair, so that several recipes share one held-out set.
+        resume: steps finished by an earlier, interrupted run; the recipe goes on from the next step.
+        on_step: called after each checked step, so the caller can keep a checkpoint.
 
     Raises:
         CompressionError: InvalidRecipe, UnsupportedModel, DataRequired, StepFailed, or Cancelled.
@@ -94,10 +106,12 @@ def run_recipe(
     train, held_out = split if split is not None else prepare_data(original, data, seed)
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-recipe-"))
     try:
-        current = original
-        notes: list[dict[str, Any]] = []
+        current = resume.model if resume is not None else original
+        notes: list[dict[str, Any]] = list(resume.notes) if resume is not None else []
         count = len(recipe.steps)
         for index, step in enumerate(recipe.steps):
+            if resume is not None and index < resume.done:
+                continue
             cancel.check()
             stage = f"step {index + 1}/{count}: {describe_step(step)}"
             step_dir = workdir / f"step-{index}"
@@ -116,6 +130,8 @@ def run_recipe(
             graph.check_step_output(original, step_output, describe_step(step))
             notes.append({"step": step.model_dump(), "notes": step_notes})
             current = step_output
+            if on_step is not None and index + 1 < count:
+                on_step(Checkpoint(done=index + 1, model=current, notes=list(notes)))
         cancel.check()
         report = evaluate.measure(
             original, current, held_out, budget=budget, threads=threads,

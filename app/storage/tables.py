@@ -130,5 +130,7 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     objective: Mapped[str | None] = mapped_column(String(16))
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """{"done": steps finished, "sha256": the model after them, "notes": their notes}."""
     preset: Mapped[str | None] = mapped_column(String(64))
     """The preset name the user asked for (`auto` included); None for a custom recipe."""

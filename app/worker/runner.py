@@ -22,7 +22,7 @@ from app.compression.config import AUTO, Budget, Recipe
 from app.compression.errors import Cancelled, CompressionError
 from app.compression.graph import io_info
 from app.compression.progress import CancelToken
-from app.compression.recipes import run_recipe
+from app.compression.recipes import Checkpoint, run_recipe
 from app.compression.search import Objective, search
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".onnx"
 DATASET_SUFFIX = ".npz"
+CHECKPOINT_SUFFIX = ".ckpt"
 
 
 def worker_id() -> str:
@@ -136,6 +137,8 @@ class JobRunner:
             heartbeat.stop()
             for path in (output, output.with_suffix(".recipe.json"), *pinned):
                 path.unlink(missing_ok=True)
+        if state in ("succeeded", "failed", "cancelled"):
+            self._drop_checkpoint(job_id)
         log.info("job %s %s after %.1f s", job_id, state, time.monotonic() - started)
         return state
 
@@ -184,9 +187,45 @@ class JobRunner:
             return search(original=original, output=output, data=data, budget=budget, objective=objective,
                           progress=heartbeat.report, cancel=heartbeat.token, threads=self._threads,
                           resolve_model=self._resolve_model)
-        return run_recipe(original=original, output=output, recipe=Recipe.model_validate(job.recipe), data=data,
-                          budget=budget, progress=heartbeat.report, cancel=heartbeat.token, threads=self._threads,
-                          resolve_model=self._resolve_model)
+        resume = self._resume(job, pinned)
+        result = run_recipe(original=original, output=output, recipe=Recipe.model_validate(job.recipe), data=data,
+                            budget=budget, progress=heartbeat.report, cancel=heartbeat.token, threads=self._threads,
+                            resolve_model=self._resolve_model, resume=resume,
+                            on_step=lambda checkpoint: self._save_checkpoint(job.id, checkpoint))
+        if resume is not None:
+            result.report["resumed_from_step"] = resume.done + 1
+        return result
+
+    def _resume(self, job: JobRow, pinned: list[Path]) -> Checkpoint | None:
+        saved = job.checkpoint
+        if not saved:
+            return None
+        try:
+            model = self._pin(self._store.local(saved["sha256"], CHECKPOINT_SUFFIX), pinned)
+        except OSError:
+            log.warning("checkpoint of job %s is gone; starting from the first step", job.id)
+            return None
+        log.info("job %s resumes at step %d", job.id, saved["done"] + 1)
+        return Checkpoint(done=int(saved["done"]), model=model, notes=list(saved["notes"]))
+
+    def _save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None:
+        """Keep the model after each finished step, so a crash costs at most the step in progress."""
+        copy = self._store.temp_path(CHECKPOINT_SUFFIX)
+        shutil.copyfile(checkpoint.model, copy)
+        sha, _, _ = self._store.adopt(copy, CHECKPOINT_SUFFIX)
+        with transaction(self._factory) as session:
+            previous = session.scalar(select(JobRow.checkpoint).where(JobRow.id == job_id))
+            session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == self._me).values(
+                checkpoint={"done": checkpoint.done, "sha256": sha, "notes": checkpoint.notes}))
+        if previous and previous.get("sha256") != sha:
+            self._store.remove(previous["sha256"], CHECKPOINT_SUFFIX)
+
+    def _drop_checkpoint(self, job_id: str) -> None:
+        with transaction(self._factory) as session:
+            saved = session.scalar(select(JobRow.checkpoint).where(JobRow.id == job_id))
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(checkpoint=None))
+        if saved:
+            self._store.remove(saved["sha256"], CHECKPOINT_SUFFIX)
 
     def _pin(self, path: Path, pinned: list[Path]) -> Path:
         """A private hard link: deleting the model meanwhile cannot pull the file from under the job."""

@@ -84,12 +84,13 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_completes_once(
     with api_server.client() as api:
         job = api.post("/models/cnn/compressions", json={"recipe": LONG_RECIPE, "variant": "small"}).json()
         running = wait_for_state(api, job["id"], "running", timeout=60)
-        wait_until(lambda: api.get(f"/jobs/{job['id']}").json()["progress"] > 0.1, timeout=60)
+        wait_until(lambda: "step 2/2" in (api.get(f"/jobs/{job['id']}").json()["stage"] or ""), timeout=60)
         kill_group(victim, signal.SIGKILL)
         workers(scaled_env)
         done = wait_for_job(api, job["id"], timeout=240)
         assert done["state"] == "succeeded", done
         assert done["attempts"] == 2 and running["attempts"] == 1
+        assert done["report"]["resumed_from_step"] == 2
         variants = [v["name"] for v in api.get("/models/cnn/variants").json()["variants"]]
         assert variants == ["original", "small"]
 
