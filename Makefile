@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
 export SLIMSERVE_PRELOAD_MODELS ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
-.PHONY: install run test bench models clean
+.PHONY: install run test bench bench-compression bench-jobs models clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test: install models
 
 bench: install models
 	$(PY) benchmarks/serving.py
+
+bench-compression: install models
+	$(PY) benchmarks/compression.py --write docs/compression.md
+
+bench-jobs: install models
+	$(PY) benchmarks/jobs.py --write docs/jobs.md
 
 clean:
 	rm -rf var .pytest_cache
