@@ -23,6 +23,7 @@ from app.services.catalog import Catalog
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
 from app.services.models import IncomingFile, ModelService
+from app.services.routing import RoutingService, ShadowTraffic
 from app.settings import PreloadModel, Settings
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
@@ -58,8 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         capture = TrafficCapture(session_factory=session_factory, store=store, catalog=catalog,
                                  flush_seconds=settings.capture_flush_seconds)
+        shadows = ShadowTraffic(session_factory=session_factory, metrics=metrics,
+                                max_in_flight=2 * settings.max_concurrent_inferences)
         inference = InferenceService(
-            catalog=catalog, sessions=sessions, store=store, metrics=metrics, capture=capture,
+            catalog=catalog, sessions=sessions, store=store, metrics=metrics, capture=capture, shadows=shadows,
             limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
         )
         queue = make_queue(settings, session_factory)
@@ -67,16 +70,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, models=model_service, inference=inference, store=store, metrics=metrics,
             auth=Authenticator(settings.api_keys),
             jobs=JobService(session_factory=session_factory, enqueue=queue.enqueue), capture=capture,
+            routing=RoutingService(session_factory=session_factory, catalog=catalog),
         )
         for name, preload in settings.preload_models.items():
             await asyncio.to_thread(_preload, model_service, store, name, preload)
         await queue.start()
         await capture.start()
+        await shadows.start()
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            await shadows.stop()
             await capture.stop()
             await queue.stop()
             sessions.close()

@@ -85,6 +85,11 @@ class Metrics:
             "slimserve_model_size_bytes", "Size of each served model variant.",
             ["model", "variant"], registry=r, multiprocess_mode="max",
         )
+        self.shadow_agreement = Gauge(
+            "slimserve_shadow_agreement_ratio",
+            "Top-1 agreement (classifiers) or mean cosine of a shadow variant with the answering variant.",
+            ["model", "variant"], registry=r, multiprocess_mode="mostrecent",
+        )
         self._ok_children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._jobs: JobsCollector | None = None
 
@@ -118,7 +123,7 @@ class Metrics:
     def forget_model(self, model: str) -> None:
         self._ok_children = {k: v for k, v in self._ok_children.items() if k[0] != model}
         for metric in (self.request_duration, self.inference_duration, self.queue_duration,
-                       self.requests, self.batch_size, self.model_size):
+                       self.requests, self.batch_size, self.model_size, self.shadow_agreement):
             for labels in list(_label_sets(metric)):
                 if labels and labels[0] == model:
                     metric.remove(*labels)

@@ -14,6 +14,7 @@ from app.services.capture import TrafficCapture
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
 from app.services.models import ModelService
+from app.services.routing import RoutingService
 from app.settings import ApiKey, Settings
 from app.storage.artifacts import ArtifactStore
 
@@ -58,6 +59,7 @@ class Services:
     inference: InferenceService
     jobs: JobService
     capture: TrafficCapture
+    routing: RoutingService
     store: ArtifactStore
     metrics: Metrics
     auth: Authenticator

@@ -18,6 +18,8 @@ from app.api.schemas import (
     DatasetsPublic,
     ModelPublic,
     ModelsPublic,
+    RoutingPublic,
+    RoutingUpdate,
     VariantPublic,
     VariantsPublic,
     dataset_public,
@@ -128,8 +130,9 @@ async def list_models(services: ServicesDep, _key: Reader) -> ModelsPublic:
 
 @router.get("/models/{name}", response_model=ModelPublic)
 async def get_model(name: str, services: ServicesDep, _key: Reader) -> ModelPublic:
-    """One model."""
-    return model_public(await asyncio.to_thread(services.models.get, name))
+    """One model, with live shadow statistics."""
+    row = await asyncio.to_thread(services.models.get, name)
+    return model_public(row, await asyncio.to_thread(services.routing.shadow_stats, name))
 
 
 @router.delete("/models/{name}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)
@@ -221,3 +224,10 @@ async def enable_capture(name: str, body: CaptureUpdate, services: ServicesDep, 
 async def disable_capture(name: str, services: ServicesDep, _key: Admin) -> dict[str, Any]:
     """Stop capturing; the `traffic` dataset stays."""
     return await asyncio.to_thread(services.capture.configure, name, None)
+
+
+@router.put("/models/{name}/routing", response_model=RoutingPublic)
+async def set_routing(name: str, body: RoutingUpdate, services: ServicesDep, _key: Admin) -> RoutingPublic:
+    """Default variant, canary split and shadow traffic; every server process follows within a second."""
+    routing = await asyncio.to_thread(services.routing.update, name, body.model_dump())
+    return RoutingPublic(**routing)

@@ -57,6 +57,9 @@ class ModelPublic(BaseModel):
     datasets: list[DatasetPublic]
     capture: dict[str, Any] | None = Field(
         default=None, description="Traffic capture: reservoir size and rows seen; null when off")
+    shadow: dict[str, Any] = Field(
+        default_factory=dict, description="Per shadow variant: requests, rows, agreement or cosine with the "
+                                          "answering variant, mean latency of each side (all processes)")
 
 
 class ModelsPublic(BaseModel):
@@ -83,7 +86,7 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
                          created_at=row.created_at)
 
 
-def model_public(row: ModelRow) -> ModelPublic:
+def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPublic:
     return ModelPublic(
         name=row.name, state=row.state, warnings=list(row.warnings), format=row.format, sha256=row.sha256,
         size_bytes=row.size_bytes, created_at=row.created_at,
@@ -93,9 +96,20 @@ def model_public(row: ModelRow) -> ModelPublic:
         routing=RoutingPublic(**row.routing),
         datasets=[dataset_public(d) for d in row.datasets],
         capture=(row.config or {}).get("capture"),
+        shadow=shadow or {},
     )
 
 
 class CaptureUpdate(BaseModel):
     samples: int = Field(ge=1, le=100_000, description="Reservoir size: how many prediction inputs to keep",
                          examples=[1000])
+
+
+class RoutingUpdate(BaseModel):
+    default: str = Field(examples=["original"], description="Variant that answers unversioned requests")
+    canary: dict[str, Any] | None = Field(default=None, examples=[{"variant": "int8-static", "percent": 10}],
+                                          description="This percent of unversioned requests go to another "
+                                                      "variant; a request id always lands on the same side")
+    shadow: dict[str, Any] | None = Field(default=None, examples=[{"variant": "shrink-50", "percent": 5}],
+                                          description="This percent of requests also run on a candidate "
+                                                      "after the answer is sent; the answer never changes")

@@ -15,6 +15,7 @@ from app.runtime import codecs
 from app.runtime.sessions import LoadedSession, RunResult, SessionCache
 from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
+from app.services.routing import ShadowTraffic, choose
 from app.storage.artifacts import ArtifactStore
 
 PROTOCOL_V2 = "v2"
@@ -41,7 +42,7 @@ class Prediction:
 class InferenceService:
     def __init__(
         self, *, catalog: Catalog, sessions: SessionCache, store: ArtifactStore, metrics: Metrics,
-        limits: codecs.Limits, capture: TrafficCapture | None = None,
+        limits: codecs.Limits, capture: TrafficCapture | None = None, shadows: ShadowTraffic | None = None,
     ) -> None:
         self._catalog = catalog
         self._sessions = sessions
@@ -49,19 +50,18 @@ class InferenceService:
         self._metrics = metrics
         self._limits = limits
         self._capture = capture
+        self._shadows = shadows
 
-    async def resolve(self, name: str, variant: str | None) -> tuple[ModelEntry, str, LoadedSession]:
-        entry = await self._catalog.get(name)
-        chosen = variant if variant is not None else entry.default_variant
-        target = entry.variants.get(chosen)
+    async def load(self, entry: ModelEntry, variant: str) -> LoadedSession:
+        target = entry.variants.get(variant)
         if target is None:
-            raise VariantNotFound(name, chosen)
+            raise VariantNotFound(entry.name, variant)
         loaded = self._sessions.get_loaded(target.sha256)
         if loaded is None:
             path = await asyncio.to_thread(self._store.local, target.sha256, MODEL_SUFFIX)
-            loaded = await asyncio.to_thread(self._sessions.open, target.sha256, path, f"{name}/{chosen}")
-            self._metrics.model_size.labels(name, chosen).set(target.size_bytes)
-        return entry, chosen, loaded
+            loaded = await asyncio.to_thread(self._sessions.open, target.sha256, path, f"{entry.name}/{variant}")
+            self._metrics.model_size.labels(entry.name, variant).set(target.size_bytes)
+        return loaded
 
     async def describe(self, name: str, variant: str | None) -> dict[str, Any]:
         """V2 model metadata; a variant is a version."""
@@ -82,10 +82,12 @@ class InferenceService:
         chosen = variant or ""
         model_label = ""
         try:
-            entry, chosen, loaded = await self.resolve(name, variant)
-            model_label = name
+            entry = await self._catalog.get(name)
+            model_label, chosen = name, variant or entry.default_variant
             request = codecs.decode_v2(body, header_length, entry.inputs, self._limits)
             codecs.check_requested_outputs(request, entry.outputs)
+            chosen, shadow = (variant, None) if variant is not None else choose(entry, request.id)
+            loaded = await self.load(entry, chosen)
             wanted = [o.name for o in request.outputs] if request.outputs is not None else None
             result = await self._run(loaded, request.inputs, wanted, request.rows)
             self._offer(entry, request.inputs, request.rows)
@@ -98,6 +100,8 @@ class InferenceService:
                                           protocol=PROTOCOL_V2, code=exc.status_code,
                                           total_s=time.perf_counter() - started)
             raise
+        if shadow is not None:
+            self._shadow(entry, shadow, request.inputs, result, request.rows)
         return self._finish(name, chosen, PROTOCOL_V2, payload, header, result, request.rows, started)
 
     async def predict(self, *, name: str, body: bytes, started: float) -> Prediction:
@@ -108,9 +112,13 @@ class InferenceService:
             variant = payload_in.get("variant") if isinstance(payload_in, dict) else None
             if variant is not None and not isinstance(variant, str):
                 raise InvalidInput("'variant' must be a string")
-            entry, chosen, loaded = await self.resolve(name, variant)
-            model_label = name
+            request_id = payload_in.get("id") if isinstance(payload_in, dict) else None
+            entry = await self._catalog.get(name)
+            model_label, chosen = name, variant or entry.default_variant
             inputs = codecs.decode_predict(payload_in, entry.inputs, self._limits)
+            chosen, shadow = (variant, None) if variant is not None else choose(
+                entry, str(request_id) if request_id is not None else None)
+            loaded = await self.load(entry, chosen)
             rows = codecs.count_rows(inputs, entry.inputs)
             result = await self._run(loaded, inputs, None, rows)
             self._offer(entry, inputs, rows)
@@ -126,7 +134,22 @@ class InferenceService:
                                           protocol=PROTOCOL_PREDICT, code=exc.status_code,
                                           total_s=time.perf_counter() - started)
             raise
+        if shadow is not None:
+            self._shadow(entry, shadow, inputs, result, rows)
         return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, rows, started)
+
+    def _shadow(self, entry: ModelEntry, variant: str, inputs: dict[str, Any], result: RunResult, rows: int) -> None:
+        if self._shadows is not None:
+            self._shadows.submit(model=entry.name, variant=variant, inputs=inputs, output=result.names[0],
+                                 answer=result.arrays[0], primary_seconds=result.infer_seconds,
+                                 run=lambda m, v, x, o: self._run_shadow(m, v, x, o, rows))
+
+    async def _run_shadow(self, model: str, variant: str, inputs: dict[str, Any], output: str,
+                          rows: int) -> tuple[Any, float]:
+        entry = await self._catalog.get(model)
+        loaded = await self.load(entry, variant)
+        result = await self._sessions.run(loaded, inputs, [output], rows)
+        return result.arrays[0], result.infer_seconds
 
     def _offer(self, entry: ModelEntry, inputs: dict[str, Any], rows: int) -> None:
         if entry.capture_samples and self._capture is not None:

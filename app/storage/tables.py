@@ -134,3 +134,19 @@ class JobRow(Base):
     """{"done": steps finished, "sha256": the model after them, "notes": their notes}."""
     preset: Mapped[str | None] = mapped_column(String(64))
     """The preset name the user asked for (`auto` included); None for a custom recipe."""
+
+
+class ShadowStatsRow(Base):
+    """Sums, so that every process can add its share with one UPDATE."""
+
+    __tablename__ = "shadow_stats"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    agreement_sum: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    cosine_sum: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    classifier: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    primary_seconds: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    shadow_seconds: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)

@@ -127,3 +127,27 @@ def test_kill_during_upload_leaves_nothing_behind(server_factory: Callable[..., 
         assert client.get("/models").json()["models"] == []
     assert list((data_dir / "tmp").glob("*.part")) == []
     assert [p for p in (data_dir / "artifacts").rglob("*") if p.is_file()] == []
+
+
+def test_routing_change_reaches_another_server_process_within_a_second(
+    server_factory: Callable[..., Server], tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "shared"
+    first = server_factory(data_dir)
+    second = server_factory(data_dir)
+    with first.client() as a, open(MLP, "rb") as model, open(MLP_SAMPLES, "rb") as samples:
+        assert a.post("/models", data={"name": "mlp", "compress": "int8-dynamic"},
+                      files={"file": ("m.onnx", model), "samples": ("s.npz", samples)}).status_code == 201
+        job = a.get("/jobs").json()["jobs"][0]
+        deadline = time.monotonic() + 120
+        while a.get(f"/jobs/{job['id']}").json()["state"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    row = {"inputs": [[0.0] * 64]}
+    with first.client() as a, second.client() as b:
+        assert b.post("/models/mlp/predict", json=row).json()["variant"] == "original"
+        assert a.put("/models/mlp/routing", json={"default": "int8-dynamic"}).status_code == 200
+        changed = time.monotonic()
+        while b.post("/models/mlp/predict", json=row).json()["variant"] != "int8-dynamic":
+            assert time.monotonic() - changed < 1.5, "the second process still routes to the old default"
+            time.sleep(0.02)
