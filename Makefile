@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
-export SLIMSERVE_PRELOAD_MODELS ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
+PRELOAD ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
 .PHONY: install run test bench bench-compression bench-jobs models clean
 
@@ -22,8 +22,9 @@ models: $(STAMP)
 	@test -f models/digits_cnn.onnx -a -f models/digits_mlp.onnx -a -f models/tiny_transformer.onnx \
 		|| $(PY) models/build_models.py --out models
 
+# The example model is registered as `digits` unless SLIMSERVE_PRELOAD_MODELS says otherwise.
 run: install models
-	$(VENV)/bin/slimserve serve
+	SLIMSERVE_PRELOAD_MODELS='$(or $(SLIMSERVE_PRELOAD_MODELS),$(PRELOAD))' $(VENV)/bin/slimserve serve
 
 test: install models
 	$(PY) -m pytest

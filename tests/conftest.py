@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,16 @@ from sqlalchemy import create_engine, text
 from app.main import create_app
 from app.settings import Settings
 from tests.helpers import MLP, MLP_SAMPLES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_environment() -> Iterator[None]:
+    """Settings come from each test, never from the shell that started pytest (or from `make`)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SLIMSERVE_")}
+    for key in saved:
+        del os.environ[key]
+    yield
+    os.environ.update(saved)
 
 
 @pytest.fixture
