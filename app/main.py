@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             providers=tuple(settings.execution_providers),
             max_concurrent=settings.max_concurrent_inferences,
             inline_max_seconds=settings.inline_inference_max_ms / 1e3,
+            max_loaded_bytes=settings.max_loaded_bytes,
         ))
         metrics = Metrics()
         metrics.watch_jobs(lambda: _job_stats(session_factory))

@@ -85,6 +85,14 @@ class Metrics:
             "slimserve_model_size_bytes", "Size of each served model variant.",
             ["model", "variant"], registry=r, multiprocess_mode="max",
         )
+        self.loaded_models = Gauge(
+            "slimserve_loaded_models", "onnxruntime sessions open in this process.", registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.loaded_bytes = Gauge(
+            "slimserve_loaded_bytes", "Model bytes behind the open sessions of this process.", registry=r,
+            multiprocess_mode="livesum",
+        )
         self.shadow_agreement = Gauge(
             "slimserve_shadow_agreement_ratio",
             "Top-1 agreement (classifiers) or mean cosine of a shadow variant with the answering variant.",

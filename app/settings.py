@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     """onnxruntime intra-op threads per session (0: onnxruntime's default, all cores)."""
     max_concurrent_inferences: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
     """Inferences running at once in this process (size of the inference thread pool)."""
+    max_loaded_bytes: int | None = Field(default=None, gt=0)
+    """Cap on the model bytes with open sessions per process; least recently used sessions close first."""
     inline_inference_max_ms: float = Field(default=0.2, ge=0)
     """Models whose typical inference is faster than this run on the event loop: a thread hop costs more."""
     execution_providers: Annotated[list[str], NoDecode] = Field(

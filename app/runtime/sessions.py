@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ class SessionConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     max_concurrent: int = 2
     inline_max_seconds: float = 0.0002
+    max_loaded_bytes: int | None = None
+    """Sessions beyond this (by model file size) are closed least recently used first."""
 
 
 @dataclass(slots=True)
@@ -36,6 +39,7 @@ class LoadedSession:
     key: str
     session: ort.InferenceSession
     output_names: list[str]
+    size_bytes: int = 0
     runs: int = 0
     seconds_per_row: float = 0.0
 
@@ -66,7 +70,7 @@ class SessionCache:
 
     def __init__(self, config: SessionConfig) -> None:
         self._config = config
-        self._sessions: dict[str, LoadedSession] = {}
+        self._sessions: OrderedDict[str, LoadedSession] = OrderedDict()
         self._open_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="infer")
@@ -83,7 +87,18 @@ class SessionCache:
         return options
 
     def get_loaded(self, key: str) -> LoadedSession | None:
-        return self._sessions.get(key)
+        loaded = self._sessions.get(key)
+        if loaded is not None and self._config.max_loaded_bytes is not None:
+            self._sessions.move_to_end(key)  # the order only matters when there is a cap
+        return loaded
+
+    @property
+    def loaded_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(s.size_bytes for s in list(self._sessions.values()))
 
     def open(self, key: str, path: Path, display_name: str) -> LoadedSession:
         loaded = self._sessions.get(key)
@@ -100,11 +115,25 @@ class SessionCache:
                 session = open_session(
                     path, display_name=display_name, providers=list(self._config.providers), options=self._options()
                 )
-                loaded = LoadedSession(key=key, session=session,
+                loaded = LoadedSession(key=key, session=session, size_bytes=path.stat().st_size,
                                        output_names=[o.name for o in session.get_outputs()])
                 self._sessions[key] = loaded
+                self._enforce_cap(keep=key)
                 log.info("opened %s in %.1f ms", display_name, (time.perf_counter() - started) * 1e3)
         return loaded
+
+    def _enforce_cap(self, keep: str) -> None:
+        cap = self._config.max_loaded_bytes
+        if cap is None:
+            return
+        while self.loaded_bytes > cap and len(self._sessions) > 1:
+            oldest = next(iter(self._sessions))
+            if oldest == keep:
+                self._sessions.move_to_end(oldest)
+                continue
+            # Requests running on it keep their reference; new ones reopen it on demand.
+            self.evict(oldest)
+            log.info("closed session %s to stay under %d loaded bytes", oldest[:12], cap)
 
     def evict(self, key: str) -> None:
         self._sessions.pop(key, None)

@@ -61,6 +61,8 @@ class InferenceService:
             path = await asyncio.to_thread(self._store.local, target.sha256, MODEL_SUFFIX)
             loaded = await asyncio.to_thread(self._sessions.open, target.sha256, path, f"{entry.name}/{variant}")
             self._metrics.model_size.labels(entry.name, variant).set(target.size_bytes)
+            self._metrics.loaded_models.set(self._sessions.loaded_count)
+            self._metrics.loaded_bytes.set(self._sessions.loaded_bytes)
         return loaded
 
     async def describe(self, name: str, variant: str | None) -> dict[str, Any]:
@@ -182,4 +184,6 @@ class InferenceService:
     def forget(self, sha256s: list[str]) -> None:
         for sha in sha256s:
             self._sessions.evict(sha)
+        self._metrics.loaded_models.set(self._sessions.loaded_count)
+        self._metrics.loaded_bytes.set(self._sessions.loaded_bytes)
 

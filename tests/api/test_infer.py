@@ -196,3 +196,24 @@ def test_deleted_model_stops_answering(mlp_client: TestClient, settings: Setting
     assert mlp_client.post("/models/mlp/predict", json={"inputs": [[0.0] * 64]}).status_code == 404
     assert "model=\"mlp\"" not in mlp_client.get("/metrics").text
     assert mlp_client.delete("/models/mlp").status_code == 404
+
+
+def test_sessions_beyond_the_memory_cap_close_least_recently_used(make_settings) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import CNN
+
+    cap = MLP.stat().st_size + CNN.stat().st_size - 1
+    with TestClient(create_app(make_settings(max_loaded_bytes=cap))) as client:
+        assert upload(client, "mlp", MLP).status_code == 201
+        assert upload(client, "cnn", CNN).status_code == 201
+        mlp_body = {"inputs": [[0.0] * 64]}
+        cnn_body = {"inputs": [[[[0.0] * 8] * 8]]}
+        first = client.post("/models/mlp/predict", json=mlp_body).json()["outputs"]
+        assert client.post("/models/cnn/predict", json=cnn_body).status_code == 200
+
+        def gauges() -> tuple[float, float]:
+            text = client.get("/metrics").text
+            return (_samples_of(text, "slimserve_loaded_models")[()], _samples_of(text, "slimserve_loaded_bytes")[()])
+
+        assert gauges() == (1.0, float(CNN.stat().st_size))  # the MLP was closed to make room
+        assert client.post("/models/mlp/predict", json=mlp_body).json()["outputs"] == first  # reopened on demand
+        assert gauges() == (1.0, float(MLP.stat().st_size))
