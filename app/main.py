@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from prometheus_client import multiprocess
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api import health, jobs, models, predict, v2
@@ -87,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await capture.stop()
             await queue.stop()
             sessions.close()
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # live gauges leave the sums
             store.close()
             engine.dispose()
 

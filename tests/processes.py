@@ -42,14 +42,14 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=30)
 
 
-def start_server(data_dir: Path, port: int | None = None, **env: str) -> Server:
+def start_server(data_dir: Path, port: int | None = None, args: tuple[str, ...] = (), **env: str) -> Server:
     port = port or free_port()
     log = data_dir.parent / f"server-{port}-{time.monotonic_ns()}.log"
     environment = {**os.environ, "SLIMSERVE_DATA_DIR": str(data_dir), "SLIMSERVE_PORT": str(port),
                    "SLIMSERVE_HOST": "127.0.0.1", **env}
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=REPO, env=environment, stdout=output,
+            [sys.executable, "-m", "app", "serve", *args], cwd=REPO, env=environment, stdout=output,
             stderr=subprocess.STDOUT,
         )
     server = Server(process, f"http://127.0.0.1:{port}", port, data_dir, log)
@@ -88,8 +88,8 @@ def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> N
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
-    def factory(data_dir: Path | None = None, **env: str) -> Server:
-        server = start_server(data_dir or tmp_path / "data", **env)
+    def factory(data_dir: Path | None = None, args: tuple[str, ...] = (), **env: str) -> Server:
+        server = start_server(data_dir or tmp_path / "data", args=args, **env)
         started.append(server)
         return server
 

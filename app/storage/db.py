@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,11 +41,26 @@ def migrate(engine: Engine) -> None:
     """Apply every pending migration; replicas starting together on PostgreSQL take turns."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    with _file_lock(Path(f"{database}.migrate.lock") if database else None), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+@contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    """SQLite has no advisory locks: server processes starting together on one file take turns here."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -151,3 +151,14 @@ def test_routing_change_reaches_another_server_process_within_a_second(
         while b.post("/models/mlp/predict", json=row).json()["variant"] != "int8-dynamic":
             assert time.monotonic() - changed < 1.5, "the second process still routes to the old default"
             time.sleep(0.02)
+
+
+def test_metrics_are_summed_across_server_processes(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server = server_factory(tmp_path / "multi", args=("--workers", "2"))
+    assert _upload(server, "mlp", MLP).status_code == 201
+    for _ in range(60):
+        # A new connection per request, so the kernel spreads them over both processes.
+        assert httpx.post(f"{server.url}/models/mlp/predict", json={"inputs": [[0.0] * 64]}).status_code == 200
+    for _ in range(10):
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert _histogram_count(metrics, "mlp", "predict") == 60
