@@ -100,10 +100,10 @@ class Metrics:
         )
         self._ok_children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._jobs: JobsCollector | None = None
+        self._batch_children: dict[tuple[str, str], Any] = {}
 
     def observe_success(
         self, *, model: str, variant: str, protocol: str, total_s: float, queue_s: float, infer_s: float,
-        rows: int,
     ) -> None:
         key = (model, variant, protocol)
         children = self._ok_children.get(key)
@@ -114,15 +114,20 @@ class Metrics:
                 self.inference_duration.labels(model, variant),
                 self.queue_duration.labels(model, variant),
                 self.requests.labels(model, variant, protocol, "200"),
-                self.batch_size.labels(model, variant),
             )
             self._ok_children[key] = children
-        req, inf, queue, count, batch = children
+        req, inf, queue, count = children
         req.observe(total_s)
         inf.observe(infer_s)
         queue.observe(queue_s)
         count.inc()
-        batch.observe(rows)
+
+    def observe_batch(self, model: str, variant: str, rows: int) -> None:
+        """Rows of one onnxruntime call (several requests when dynamic batching stacked them)."""
+        child = self._batch_children.get((model, variant))
+        if child is None:
+            child = self._batch_children[(model, variant)] = self.batch_size.labels(model, variant)
+        child.observe(rows)
 
     def observe_failure(self, *, model: str, variant: str, protocol: str, code: int, total_s: float) -> None:
         self.request_duration.labels(model, variant, protocol).observe(total_s)
@@ -130,6 +135,7 @@ class Metrics:
 
     def forget_model(self, model: str) -> None:
         self._ok_children = {k: v for k, v in self._ok_children.items() if k[0] != model}
+        self._batch_children = {k: v for k, v in self._batch_children.items() if k[0] != model}
         for metric in (self.request_duration, self.inference_duration, self.queue_duration,
                        self.requests, self.batch_size, self.model_size, self.shadow_agreement):
             for labels in list(_label_sets(metric)):

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import Admin, Reader, ServicesDep
 from app.api.multipart import UploadForm, read_upload_form
 from app.api.schemas import (
+    BatchingUpdate,
     CaptureUpdate,
     DatasetPublic,
     DatasetsPublic,
@@ -231,3 +232,9 @@ async def set_routing(name: str, body: RoutingUpdate, services: ServicesDep, _ke
     """Default variant, canary split and shadow traffic; every server process follows within a second."""
     routing = await asyncio.to_thread(services.routing.update, name, body.model_dump())
     return RoutingPublic(**routing)
+
+
+@router.put("/models/{name}/batching")
+async def set_batching(name: str, body: BatchingUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
+    """Dynamic batching of this model's variants (on by default for models with a batch axis)."""
+    return await asyncio.to_thread(services.models.configure_batching, name, body.model_dump())

@@ -113,3 +113,11 @@ class RoutingUpdate(BaseModel):
     shadow: dict[str, Any] | None = Field(default=None, examples=[{"variant": "shrink-50", "percent": 5}],
                                           description="This percent of requests also run on a candidate "
                                                       "after the answer is sent; the answer never changes")
+
+
+class BatchingUpdate(BaseModel):
+    enabled: bool = Field(default=True, description="Stack concurrent requests into one onnxruntime call")
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="Rows per call at most")
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000, description=(
+        "How long a request may wait for others when the model is idle; 0 batches only what queues up while "
+        "the model is busy, so low load pays no latency"))

@@ -34,6 +34,8 @@ class ModelEntry:
     loaded_at: float
     capture_samples: int | None = None
     """Reservoir size when traffic capture is on."""
+    batching: dict[str, Any] | None = None
+    """Dynamic batching settings; None when off or impossible (an input or output without a batch axis)."""
 
     @property
     def default_variant(self) -> str:
@@ -50,7 +52,20 @@ def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
         variants={v.name: VariantEntry(v.name, v.sha256, v.size_bytes) for v in row.variants},
         loaded_at=now,
         capture_samples=(row.config.get("capture") or {}).get("samples"),
+        batching=batching_settings(row),
     )
+
+
+DEFAULT_BATCHING = {"enabled": True, "max_batch_size": 64, "max_queue_delay_ms": 0.0}
+
+
+def can_batch(row: ModelRow) -> bool:
+    return all(spec["shape"] and spec["shape"][0] == -1 for spec in [*row.inputs, *row.outputs])
+
+
+def batching_settings(row: ModelRow) -> dict[str, Any] | None:
+    settings = {**DEFAULT_BATCHING, **(row.config.get("batching") or {})}
+    return settings if settings["enabled"] and can_batch(row) else None
 
 
 class Catalog:

@@ -12,6 +12,7 @@ import orjson
 from app.errors import InvalidContent, InvalidInput, SlimServeError, VariantNotFound
 from app.metrics import Metrics
 from app.runtime import codecs
+from app.runtime.batching import Batcher
 from app.runtime.sessions import LoadedSession, RunResult, SessionCache
 from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
@@ -51,6 +52,7 @@ class InferenceService:
         self._limits = limits
         self._capture = capture
         self._shadows = shadows
+        self._batchers: dict[str, Batcher] = {}
 
     async def load(self, entry: ModelEntry, variant: str) -> LoadedSession:
         target = entry.variants.get(variant)
@@ -91,7 +93,7 @@ class InferenceService:
             chosen, shadow = (variant, None) if variant is not None else choose(entry, request.id)
             loaded = await self.load(entry, chosen)
             wanted = [o.name for o in request.outputs] if request.outputs is not None else None
-            result = await self._run(loaded, request.inputs, wanted, request.rows)
+            result = await self._run(entry, chosen, loaded, request.inputs, wanted, request.rows)
             self._offer(entry, request.inputs, request.rows)
             payload, header = codecs.encode_v2(
                 model=name, variant=chosen, request=request, names=result.names, results=result.arrays,
@@ -104,7 +106,7 @@ class InferenceService:
             raise
         if shadow is not None:
             self._shadow(entry, shadow, request.inputs, result, request.rows)
-        return self._finish(name, chosen, PROTOCOL_V2, payload, header, result, request.rows, started)
+        return self._finish(name, chosen, PROTOCOL_V2, payload, header, result, started)
 
     async def predict(self, *, name: str, body: bytes, started: float) -> Prediction:
         chosen = ""
@@ -122,7 +124,7 @@ class InferenceService:
                 entry, str(request_id) if request_id is not None else None)
             loaded = await self.load(entry, chosen)
             rows = codecs.count_rows(inputs, entry.inputs)
-            result = await self._run(loaded, inputs, None, rows)
+            result = await self._run(entry, chosen, loaded, inputs, None, rows)
             self._offer(entry, inputs, rows)
             elapsed_ms = (time.perf_counter() - started) * 1e3
             response: dict[str, Any] = {
@@ -138,7 +140,7 @@ class InferenceService:
             raise
         if shadow is not None:
             self._shadow(entry, shadow, inputs, result, rows)
-        return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, rows, started)
+        return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, started)
 
     def _shadow(self, entry: ModelEntry, variant: str, inputs: dict[str, Any], result: RunResult, rows: int) -> None:
         if self._shadows is not None:
@@ -159,10 +161,15 @@ class InferenceService:
             self._capture.offer(entry.name, entry.capture_samples, inputs, rows, batched)
 
     async def _run(
-        self, loaded: LoadedSession, inputs: dict[str, Any], wanted: list[str] | None, rows: int
+        self, entry: ModelEntry, variant: str, loaded: LoadedSession, inputs: dict[str, Any],
+        wanted: list[str] | None, rows: int,
     ) -> RunResult:
         try:
-            return await self._sessions.run(loaded, inputs, wanted, rows)
+            if entry.batching is not None:
+                return await self._batcher(entry, variant, loaded).run(inputs, wanted, rows)
+            result = await self._sessions.run(loaded, inputs, wanted, rows)
+            self._metrics.observe_batch(entry.name, variant, rows)
+            return result
         except SlimServeError:
             raise
         except Exception as exc:
@@ -170,14 +177,27 @@ class InferenceService:
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise InvalidContent(f"the model failed on this input: {text}") from None
 
+    def _batcher(self, entry: ModelEntry, variant: str, loaded: LoadedSession) -> Batcher:
+        assert entry.batching is not None
+        batcher = self._batchers.get(loaded.key)
+        if batcher is None or batcher.loaded is not loaded:
+            batcher = self._batchers[loaded.key] = Batcher(
+                self._sessions, loaded, max_batch_size=entry.batching["max_batch_size"],
+                max_queue_delay_s=entry.batching["max_queue_delay_ms"] / 1e3,
+                on_call=lambda rows: self._metrics.observe_batch(entry.name, variant, rows),
+            )
+        batcher.max_batch_size = entry.batching["max_batch_size"]
+        batcher.max_queue_delay_s = entry.batching["max_queue_delay_ms"] / 1e3
+        return batcher
+
     def _finish(
         self, name: str, variant: str, protocol: str, payload: bytes, header: int | None, result: RunResult,
-        rows: int, started: float,
+        started: float,
     ) -> Prediction:
         total = time.perf_counter() - started
         self._metrics.observe_success(
             model=name, variant=variant, protocol=protocol, total_s=total, queue_s=result.queue_seconds,
-            infer_s=result.infer_seconds, rows=rows,
+            infer_s=result.infer_seconds,
         )
         return Prediction(payload, header, variant, result.queue_seconds, result.infer_seconds, total)
 

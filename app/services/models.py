@@ -8,6 +8,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,7 +17,7 @@ from app.errors import Conflict, InvalidContent, ModelNotFound, NotFound, Unsupp
 from app.formats import datasets as dataset_format
 from app.formats.onnx_model import inspect_onnx, smoke_test
 from app.runtime.datatypes import TensorSpec
-from app.services.catalog import Catalog
+from app.services.catalog import Catalog, can_batch
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore, TempWriter
 from app.storage.db import transaction
@@ -162,6 +163,18 @@ class ModelService:
         self._catalog.invalidate(model_name)
         self._drop_unreferenced([(sha, MODEL_SUFFIX)])
         return [sha]
+
+    def configure_batching(self, model_name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        with transaction(self._session_factory) as session:
+            row = repositories.get_model(session, name=model_name)
+            if row is None:
+                raise ModelNotFound(model_name)
+            if settings["enabled"] and not can_batch(row):
+                raise InvalidContent("this model cannot be batched: an input or output has no dynamic first "
+                                     "(batch) dimension")
+            row.config = {**row.config, "batching": settings}
+        self._catalog.invalidate(model_name)
+        return settings
 
     def add_dataset(self, *, model_name: str, upload: IncomingFile, name: str | None) -> DatasetRow:
         row = self.get(model_name)
