@@ -21,6 +21,7 @@ from app.api.schemas import (
     ModelsPublic,
     RoutingPublic,
     RoutingUpdate,
+    SessionUpdate,
     VariantPublic,
     VariantsPublic,
     dataset_public,
@@ -238,3 +239,12 @@ async def set_routing(name: str, body: RoutingUpdate, services: ServicesDep, _ke
 async def set_batching(name: str, body: BatchingUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
     """Dynamic batching of this model's variants (on by default for models with a batch axis)."""
     return await asyncio.to_thread(services.models.configure_batching, name, body.model_dump())
+
+
+@router.put("/models/{name}/variants/{variant}/session")
+async def set_session_options(name: str, variant: str, body: SessionUpdate, services: ServicesDep,
+                              _key: Admin) -> dict[str, Any]:
+    """Threads and graph optimization level of one variant's onnxruntime session."""
+    options, sha = await asyncio.to_thread(services.models.configure_session, name, variant, body.model_dump())
+    services.inference.forget([sha])
+    return options

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -121,3 +121,11 @@ class BatchingUpdate(BaseModel):
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000, description=(
         "How long a request may wait for others when the model is idle; 0 batches only what queues up while "
         "the model is busy, so low load pays no latency"))
+
+
+class SessionUpdate(BaseModel):
+    intra_op_threads: int | None = Field(default=None, ge=0, le=256, description=(
+        "onnxruntime intra-op threads for this variant (null: the server's SLIMSERVE_INTRA_OP_THREADS)"))
+    graph_optimization_level: Literal["disabled", "basic", "extended", "all"] = Field(
+        default="all", description="onnxruntime graph optimizations when the session opens; the optimized graph "
+                                   "is cached on disk so the next start opens it directly")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +33,26 @@ class SessionConfig:
     inline_max_seconds: float = 0.0002
     max_loaded_bytes: int | None = None
     """Sessions beyond this (by model file size) are closed least recently used first."""
+
+
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """Per-variant overrides; None keeps the server's default."""
+
+    intra_op_threads: int | None = None
+    graph_optimization_level: str = "all"
+
+    @property
+    def tag(self) -> str:
+        return f"t{self.intra_op_threads if self.intra_op_threads is not None else 'd'}-{self.graph_optimization_level}"
 
 
 @dataclass(slots=True)
@@ -68,20 +89,26 @@ class RunResult:
 class SessionCache:
     """One session per artifact key per process; concurrent first requests open it once."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, cache_dir: Path | None = None) -> None:
         self._config = config
+        self._cache_dir = cache_dir
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
         self._sessions: OrderedDict[str, LoadedSession] = OrderedDict()
         self._open_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="infer")
 
-    def _options(self) -> ort.SessionOptions:
+    def _options(self, overrides: SessionOptions, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self._config.intra_op_threads
+        threads = overrides.intra_op_threads if overrides.intra_op_threads is not None \
+            else self._config.intra_op_threads
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self._config.intra_op_threads == 1:
+        options.graph_optimization_level = level
+        options.log_severity_level = 3
+        if threads == 1:
             # One thread has nobody to hand work to; spinning would only burn a core.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
@@ -100,7 +127,8 @@ class SessionCache:
     def loaded_bytes(self) -> int:
         return sum(s.size_bytes for s in list(self._sessions.values()))
 
-    def open(self, key: str, path: Path, display_name: str) -> LoadedSession:
+    def open(self, key: str, path: Path, display_name: str,
+             overrides: SessionOptions | None = None) -> LoadedSession:
         loaded = self._sessions.get(key)
         if loaded is not None:
             return loaded
@@ -112,15 +140,42 @@ class SessionCache:
                 if not path.is_file():
                     raise NotReady(f"the artifact of {display_name} is missing from storage")
                 started = time.perf_counter()
-                session = open_session(
-                    path, display_name=display_name, providers=list(self._config.providers), options=self._options()
-                )
+                session, source = self._open_cached(key, path, display_name, overrides or SessionOptions())
                 loaded = LoadedSession(key=key, session=session, size_bytes=path.stat().st_size,
                                        output_names=[o.name for o in session.get_outputs()])
                 self._sessions[key] = loaded
                 self._enforce_cap(keep=key)
-                log.info("opened %s in %.1f ms", display_name, (time.perf_counter() - started) * 1e3)
+                log.info("opened %s in %.1f ms (%s)", display_name, (time.perf_counter() - started) * 1e3, source)
         return loaded
+
+    def cached_graph(self, key: str, overrides: SessionOptions) -> Path | None:
+        if self._cache_dir is None or overrides.graph_optimization_level == "disabled":
+            return None
+        return self._cache_dir / f"{key}.{overrides.tag}.optimized.onnx"
+
+    def _open_cached(self, key: str, path: Path, display_name: str,
+                     overrides: SessionOptions) -> tuple[ort.InferenceSession, str]:
+        """Open the graph onnxruntime optimized last time, or optimize now and keep the result for next time."""
+        providers = list(self._config.providers)
+        cached = self.cached_graph(key, overrides)
+        if cached is not None and cached.is_file():
+            try:
+                options = self._options(overrides, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+                return open_session(cached, display_name=display_name, providers=providers,
+                                    options=options), "optimized graph from cache"
+            except Exception:
+                log.warning("cached optimized graph of %s is unusable; optimizing again", display_name)
+                cached.unlink(missing_ok=True)
+        options = self._options(overrides, LEVELS[overrides.graph_optimization_level])
+        if cached is not None:
+            # Written next to its final name, then renamed: a crash never leaves half a cached graph.
+            partial = cached.with_suffix(f".{os.getpid()}.part")
+            options.optimized_model_filepath = str(partial)
+            session = open_session(path, display_name=display_name, providers=providers, options=options)
+            if partial.is_file():
+                os.replace(partial, cached)
+            return session, "optimized and cached"
+        return open_session(path, display_name=display_name, providers=providers, options=options), "optimized"
 
     def _enforce_cap(self, keep: str) -> None:
         cap = self._config.max_loaded_bytes
@@ -136,9 +191,11 @@ class SessionCache:
             log.info("closed session %s to stay under %d loaded bytes", oldest[:12], cap)
 
     def evict(self, key: str) -> None:
-        self._sessions.pop(key, None)
-        with self._guard:
-            self._open_locks.pop(key, None)
+        """Close the session of `key`, and those of the same artifact opened with other options."""
+        for existing in [k for k in list(self._sessions) if k == key or k.startswith(f"{key}-")]:
+            self._sessions.pop(existing, None)
+            with self._guard:
+                self._open_locks.pop(existing, None)
 
     async def run(
         self, loaded: LoadedSession, feeds: dict[str, np.ndarray], output_names: list[str] | None, rows: int

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ModelNotFound, NotReady
 from app.runtime.datatypes import TensorSpec
+from app.runtime.sessions import SessionOptions
 from app.storage import repositories
 from app.storage.tables import ModelRow
 
@@ -34,6 +35,8 @@ class ModelEntry:
     loaded_at: float
     capture_samples: int | None = None
     """Reservoir size when traffic capture is on."""
+    session_options: dict[str, SessionOptions] = field(default_factory=dict)
+    """Per-variant onnxruntime options (threads, optimization level)."""
     batching: dict[str, Any] | None = None
     """Dynamic batching settings; None when off or impossible (an input or output without a batch axis)."""
 
@@ -53,6 +56,8 @@ def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
         loaded_at=now,
         capture_samples=(row.config.get("capture") or {}).get("samples"),
         batching=batching_settings(row),
+        session_options={variant: SessionOptions(**options)
+                         for variant, options in (row.config.get("sessions") or {}).items()},
     )
 
 

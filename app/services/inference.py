@@ -58,10 +58,12 @@ class InferenceService:
         target = entry.variants.get(variant)
         if target is None:
             raise VariantNotFound(entry.name, variant)
-        loaded = self._sessions.get_loaded(target.sha256)
+        overrides = entry.session_options.get(variant)
+        key = target.sha256 if overrides is None else f"{target.sha256}-{overrides.tag}"
+        loaded = self._sessions.get_loaded(key)
         if loaded is None:
             path = await asyncio.to_thread(self._store.local, target.sha256, MODEL_SUFFIX)
-            loaded = await asyncio.to_thread(self._sessions.open, target.sha256, path, f"{entry.name}/{variant}")
+            loaded = await asyncio.to_thread(self._sessions.open, key, path, f"{entry.name}/{variant}", overrides)
             self._metrics.model_size.labels(entry.name, variant).set(target.size_bytes)
             self._metrics.loaded_models.set(self._sessions.loaded_count)
             self._metrics.loaded_bytes.set(self._sessions.loaded_bytes)

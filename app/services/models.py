@@ -164,6 +164,20 @@ class ModelService:
         self._drop_unreferenced([(sha, MODEL_SUFFIX)])
         return [sha]
 
+    def configure_session(self, model_name: str, variant: str, options: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Per-variant onnxruntime options; returns them and the variant's artifact hash (to close old sessions)."""
+        with transaction(self._session_factory) as session:
+            row = repositories.get_model(session, name=model_name)
+            if row is None:
+                raise ModelNotFound(model_name)
+            target = next((v for v in row.variants if v.name == variant), None)
+            if target is None:
+                raise VariantNotFound(model_name, variant)
+            row.config = {**row.config, "sessions": {**(row.config.get("sessions") or {}), variant: options}}
+            sha = target.sha256
+        self._catalog.invalidate(model_name)
+        return options, sha
+
     def configure_batching(self, model_name: str, settings: dict[str, Any]) -> dict[str, Any]:
         with transaction(self._session_factory) as session:
             row = repositories.get_model(session, name=model_name)

@@ -217,3 +217,27 @@ def test_sessions_beyond_the_memory_cap_close_least_recently_used(make_settings)
         assert gauges() == (1.0, float(CNN.stat().st_size))  # the MLP was closed to make room
         assert client.post("/models/mlp/predict", json=mlp_body).json()["outputs"] == first  # reopened on demand
         assert gauges() == (1.0, float(MLP.stat().st_size))
+
+
+def test_session_options_per_variant_and_the_optimized_graph_cache(make_settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    settings = make_settings()
+    body = {"inputs": SAMPLES[:3].tolist()}
+    with TestClient(create_app(settings)) as client:
+        assert upload(client, "mlp", MLP).status_code == 201
+        default = client.post("/models/mlp/predict", json=body).json()["outputs"]
+        update = client.put("/models/mlp/variants/original/session",
+                            json={"intra_op_threads": 2, "graph_optimization_level": "extended"})
+        assert update.status_code == 200 and update.json()["intra_op_threads"] == 2
+        assert client.put("/models/mlp/variants/ghost/session", json={}).status_code == 404
+        assert client.put("/models/mlp/variants/original/session",
+                          json={"graph_optimization_level": "max"}).status_code == 422
+        tuned = client.post("/models/mlp/predict", json=body).json()["outputs"]
+        np.testing.assert_allclose(tuned["logits"], default["logits"], rtol=1e-5)
+    cached = list((settings.data_dir / "cache" / "sessions").glob("*.t2-extended.optimized.onnx"))
+    assert len(cached) == 1
+    with caplog.at_level(logging.INFO, logger="app.runtime.sessions"), TestClient(create_app(settings)) as client:
+        again = client.post("/models/mlp/predict", json=body).json()["outputs"]
+    np.testing.assert_allclose(again["logits"], default["logits"], rtol=1e-5)
+    assert any("optimized graph from cache" in record.getMessage() for record in caplog.records)
