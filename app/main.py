@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api import health, jobs, models, predict, v2
 from app.api.deps import Authenticator, Services
 from app.api.errors import install_error_handlers
+from app.api.fastpath import FastPath
 from app.errors import Conflict, ModelNotFound
 from app.metrics import Metrics
 from app.runtime.codecs import Limits
@@ -36,7 +37,7 @@ from app.worker.queue import make_queue
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastPath:
     settings = settings if settings is not None else Settings()
 
     @asynccontextmanager
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
-    return app
+    return FastPath(app)
 
 
 def _preload(service: ModelService, store: ArtifactStore, name: str, preload: PreloadModel) -> None:

@@ -20,9 +20,13 @@ async def read_body(request: Request, limit: int) -> bytes:
             body = await _read_chunked(request, limit)
     except ClientDisconnect:
         raise InvalidInput("the client disconnected before sending the whole body") from None
+    return decode_body(body, request.headers.get("content-encoding"), limit)
+
+
+def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Enforce the size limit and undo a Content-Encoding (the decompressed size counts against the limit)."""
     if len(body) > limit:
         raise TooLarge(f"the request body is larger than the limit of {limit} bytes (SLIMSERVE_MAX_REQUEST_BYTES)")
-    encoding = request.headers.get("content-encoding")
     if encoding is not None and encoding.lower() != "identity":
         body = _decompress(body, encoding.lower(), limit)
     return body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -26,12 +27,12 @@ class Authenticator:
         self._keys = [(k, k.secret.encode()) for k in keys]
         self.enabled = bool(keys)
 
-    def identify(self, request: Request) -> ApiKey | None:
+    def identify(self, headers: Mapping[str, str]) -> ApiKey | None:
         if not self.enabled:
             return None
-        presented = request.headers.get("x-api-key")
+        presented = headers.get("x-api-key")
         if presented is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            scheme, _, token = headers.get("authorization", "").partition(" ")
             presented = token.strip() if scheme.lower() == "bearer" else None
         if not presented:
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'")
@@ -45,8 +46,8 @@ class Authenticator:
             raise Unauthorized("the API key is not valid")
         return match
 
-    def require(self, request: Request, role: str) -> ApiKey | None:
-        key = self.identify(request)
+    def require(self, headers: Mapping[str, str], role: str) -> ApiKey | None:
+        key = self.identify(headers)
         if key is not None and role == "admin" and key.role != "admin":
             raise Forbidden(f"key {key.key_id} may only predict and read; this action needs an admin key")
         return key
@@ -74,11 +75,11 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def require_reader(request: Request) -> ApiKey | None:
-    return get_services(request).auth.require(request, "predict")
+    return get_services(request).auth.require(request.headers, "predict")
 
 
 def require_admin(request: Request) -> ApiKey | None:
-    return get_services(request).auth.require(request, "admin")
+    return get_services(request).auth.require(request.headers, "admin")
 
 
 Reader = Annotated[ApiKey | None, Depends(require_reader)]

@@ -15,6 +15,6 @@ async def metrics(request: Request) -> Response:
     """Request latency histograms and counters, per model and variant."""
     services: Services = request.app.state.services
     if not services.settings.public_metrics:
-        services.auth.require(request, "predict")
+        services.auth.require(request.headers, "predict")
     body, content_type = services.metrics.render()
     return Response(body, media_type=content_type)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.body import read_body
 from app.api.deps import Services
+from app.api.predictions import plain_predict
 
 router = APIRouter(tags=["predictions"])
 
@@ -26,9 +27,6 @@ async def predict(request: Request, name: str) -> Response:
     """Predict with plain JSON; `variant` picks a variant, otherwise routing decides."""
     started = perf_counter()
     services: Services = request.app.state.services
-    if services.auth.enabled:
-        services.auth.require(request, "predict")
     body = await read_body(request, services.settings.max_request_bytes)
-    prediction = await services.inference.predict(name=name, body=body, started=started)
-    headers = {"Server-Timing": prediction.server_timing(), "X-Variant": prediction.variant}
-    return Response(prediction.body, media_type="application/json", headers=headers)
+    payload, media_type, headers = await plain_predict(services, request.headers, name, body, started)
+    return Response(payload, media_type=media_type, headers=headers)

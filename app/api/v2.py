@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.body import read_body
 from app.api.deps import Reader, Services, ServicesDep
+from app.api.predictions import v2_infer
 from app.api.responses import OrjsonResponse
 
 router = APIRouter(tags=["open inference protocol"])
@@ -93,18 +94,9 @@ async def variant_ready(name: str, variant: str, services: ServicesDep, _key: Re
 async def _infer(request: Request, name: str, variant: str | None) -> Response:
     started = perf_counter()
     services: Services = request.app.state.services
-    if services.auth.enabled:
-        services.auth.require(request, "predict")
     body = await read_body(request, services.settings.max_request_bytes)
-    prediction = await services.inference.infer_v2(
-        name=name, variant=variant, body=body,
-        header_length=request.headers.get("inference-header-content-length"), started=started,
-    )
-    headers = {"Server-Timing": prediction.server_timing(), "X-Variant": prediction.variant}
-    if prediction.header_length is None:
-        return Response(prediction.body, media_type="application/json", headers=headers)
-    headers["Inference-Header-Content-Length"] = str(prediction.header_length)
-    return Response(prediction.body, media_type="application/octet-stream", headers=headers)
+    payload, media_type, headers = await v2_infer(services, request.headers, name, variant, body, started)
+    return Response(payload, media_type=media_type, headers=headers)
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC)
