@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from app.commands import register
 from app.settings import Settings
 
 cli = typer.Typer(help="SlimServe: compress models, measure them, serve them.", no_args_is_help=True)
@@ -98,6 +99,9 @@ def _run_one_job(settings: Settings, job_id: str) -> str:
     finally:
         store.close()
         engine.dispose()
+
+
+register(cli)
 
 
 def main() -> None:
