@@ -83,3 +83,10 @@ class NotReady(SlimServeError):
 class InsufficientStorage(SlimServeError):
     status_code = HTTPStatus.INSUFFICIENT_STORAGE
     code = "insufficient_storage"
+
+
+class Overloaded(SlimServeError):
+    """Too many requests already waiting: answered at once (with Retry-After) instead of piling up latency."""
+
+    status_code = HTTPStatus.TOO_MANY_REQUESTS
+    code = "overloaded"

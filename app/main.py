@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
                                 max_in_flight=2 * settings.max_concurrent_inferences)
         inference = InferenceService(
             catalog=catalog, sessions=sessions, store=store, metrics=metrics, capture=capture, shadows=shadows,
+            max_queue=settings.max_queue,
             limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
         )
         queue = make_queue(settings, session_factory)

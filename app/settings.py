@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     """Inferences running at once in this process (size of the inference thread pool)."""
     max_loaded_bytes: int | None = Field(default=None, gt=0)
     """Cap on the model bytes with open sessions per process; least recently used sessions close first."""
+    max_queue: int = Field(default=256, gt=0)
+    """Predictions waiting or running per model variant and process; beyond it requests get 429 at once."""
     inline_inference_max_ms: float = Field(default=0.2, ge=0)
     """Models whose typical inference is faster than this run on the event loop: a thread hop costs more."""
     execution_providers: Annotated[list[str], NoDecode] = Field(

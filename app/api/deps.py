@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -18,6 +21,8 @@ from app.services.models import ModelService
 from app.services.routing import RoutingService
 from app.settings import ApiKey, Settings
 from app.storage.artifacts import ArtifactStore
+
+audit = logging.getLogger("slimserve.audit")
 
 
 class Authenticator:
@@ -79,7 +84,14 @@ def require_reader(request: Request) -> ApiKey | None:
 
 
 def require_admin(request: Request) -> ApiKey | None:
-    return get_services(request).auth.require(request.headers, "admin")
+    key = get_services(request).auth.require(request.headers, "admin")
+    # Who did what, when: one JSON line per management action; the key itself never appears.
+    audit.info(json.dumps({
+        "event": "management", "time": datetime.now(UTC).isoformat(), "key_id": key.key_id if key else None,
+        "method": request.method, "path": request.url.path,
+        "client": request.client.host if request.client else None,
+    }))
+    return key
 
 
 Reader = Annotated[ApiKey | None, Depends(require_reader)]

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import InvalidContent, InvalidInput, SlimServeError, VariantNotFound
+from app.errors import InvalidContent, InvalidInput, Overloaded, SlimServeError, VariantNotFound
 from app.metrics import Metrics
 from app.runtime import codecs
 from app.runtime.batching import Batcher
@@ -44,6 +44,7 @@ class InferenceService:
     def __init__(
         self, *, catalog: Catalog, sessions: SessionCache, store: ArtifactStore, metrics: Metrics,
         limits: codecs.Limits, capture: TrafficCapture | None = None, shadows: ShadowTraffic | None = None,
+        max_queue: int = 256,
     ) -> None:
         self._catalog = catalog
         self._sessions = sessions
@@ -53,6 +54,8 @@ class InferenceService:
         self._capture = capture
         self._shadows = shadows
         self._batchers: dict[str, Batcher] = {}
+        self._max_queue = max_queue
+        self._in_flight: dict[str, int] = {}
 
     async def load(self, entry: ModelEntry, variant: str) -> LoadedSession:
         target = entry.variants.get(variant)
@@ -166,6 +169,11 @@ class InferenceService:
         self, entry: ModelEntry, variant: str, loaded: LoadedSession, inputs: dict[str, Any],
         wanted: list[str] | None, rows: int,
     ) -> RunResult:
+        waiting = self._in_flight.get(loaded.key, 0)
+        if waiting >= self._max_queue:
+            raise Overloaded(f"{entry.name}/{variant} already has {waiting} requests waiting "
+                             f"(SLIMSERVE_MAX_QUEUE={self._max_queue}); retry shortly")
+        self._in_flight[loaded.key] = waiting + 1
         try:
             if entry.batching is not None:
                 return await self._batcher(entry, variant, loaded).run(inputs, wanted, rows)
@@ -178,6 +186,8 @@ class InferenceService:
             # Types and shapes were checked already, so what is left depends on the values sent.
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise InvalidContent(f"the model failed on this input: {text}") from None
+        finally:
+            self._in_flight[loaded.key] -= 1
 
     def _batcher(self, entry: ModelEntry, variant: str, loaded: LoadedSession) -> Batcher:
         assert entry.batching is not None

@@ -57,3 +57,16 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) ->
     monkeypatch.setenv("SLIMSERVE_API_KEYS", "root:abcdefgh12")
     with pytest.raises(ValidationError, match="role"):
         Settings()
+
+
+def test_management_actions_are_audited_without_the_key(secured: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    import json as json_module
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="slimserve.audit"):
+        assert upload(secured, "mlp", MLP, Authorization=f"Bearer {ADMIN}").status_code == 201
+        assert secured.delete("/models/mlp", headers={"X-API-Key": ADMIN}).status_code == 204
+    events = [json_module.loads(r.getMessage()) for r in caplog.records if r.name == "slimserve.audit"]
+    assert [(e["method"], e["path"]) for e in events] == [("POST", "/models"), ("DELETE", "/models/mlp")]
+    assert all(e["key_id"] and len(e["key_id"]) == 12 and e["time"] for e in events)
+    assert all(ADMIN not in r.getMessage() for r in caplog.records)
