@@ -7,6 +7,7 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.responses import OrjsonResponse
@@ -40,6 +41,13 @@ async def _http_error(_request: Request, exc: Exception) -> OrjsonResponse:
     return error_response(exc.status_code, str(exc.detail), code, dict(exc.headers or {}))
 
 
+async def _database_error(_request: Request, exc: Exception) -> OrjsonResponse:
+    # Management calls need the database; predictions of loaded models do not and keep answering.
+    log.warning("metadata database unavailable: %s", str(exc).splitlines()[0][:200])
+    return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "the metadata database is unavailable; retry shortly",
+                          "database_unavailable", {"Retry-After": "5"})
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> OrjsonResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error", "internal")
@@ -49,4 +57,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SlimServeError, _slimserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)
