@@ -6,8 +6,6 @@ weighting both by how many rows each has seen, so the stored sample stays unifor
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import logging
 import random
@@ -21,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import InvalidContent, ModelNotFound
 from app.services.catalog import Catalog
+from app.services.periodic import Periodic
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
 from app.storage.db import transaction
@@ -49,11 +48,10 @@ class TrafficCapture:
         self._factory = session_factory
         self._store = store
         self._catalog = catalog
-        self._flush_seconds = flush_seconds
         self._reservoirs: dict[str, _Reservoir] = {}
         self._lock = threading.Lock()
         self._random = random.Random()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("traffic capture", flush_seconds, self.flush)
 
     def configure(self, model: str, samples: int | None) -> dict[str, Any]:
         """Turn capture on with a sample size, or off with None; stored on the model."""
@@ -94,22 +92,10 @@ class TrafficCapture:
                 reservoir.changed = True
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_forever(), name="slimserve-capture")
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.to_thread(self.flush)
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_seconds)
-            try:
-                await asyncio.to_thread(self.flush)
-            except Exception:
-                log.warning("saving captured traffic failed; will retry", exc_info=True)
+        await self._periodic.stop()
 
     def flush(self) -> None:
         with self._lock:

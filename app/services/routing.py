@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.errors import InvalidContent, ModelNotFound
 from app.metrics import Metrics
 from app.services.catalog import Catalog, ModelEntry
+from app.services.periodic import Periodic
 from app.storage import repositories
 from app.storage.db import transaction
 from app.storage.tables import ShadowStatsRow
@@ -106,11 +106,10 @@ class ShadowTraffic:
         self._metrics = metrics
         self._max_in_flight = max_in_flight
         self._in_flight = 0
-        self._flush_seconds = flush_seconds
         self._pending: dict[tuple[str, str], _Sums] = {}
         self._totals: dict[tuple[str, str], _Sums] = {}
         self._lock = threading.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("shadow statistics", flush_seconds, self.flush)
         self._background: set[asyncio.Task[None]] = set()
 
     def submit(self, *, model: str, variant: str, inputs: dict[str, np.ndarray], output: str,
@@ -150,22 +149,10 @@ class ShadowTraffic:
         self._metrics.shadow_agreement.labels(model, variant).set(totals.agreement / max(totals.rows, 1))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_forever(), name="slimserve-shadow-stats")
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await asyncio.to_thread(self.flush)
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._flush_seconds)
-            try:
-                await asyncio.to_thread(self.flush)
-            except Exception:
-                log.warning("saving shadow statistics failed; will retry", exc_info=True)
+        await self._periodic.stop()
 
     def flush(self) -> None:
         with self._lock:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from datetime import timedelta
 from typing import Protocol
@@ -11,6 +9,7 @@ from typing import Protocol
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services.periodic import Periodic
 from app.settings import Settings
 from app.storage.db import transaction
 from app.storage.tables import JobRow, utcnow
@@ -60,7 +59,8 @@ class CeleryQueue:
         self._settings = settings
         self._factory = factory
         self._celery = make_celery(settings)
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("job sweep", max(settings.job_stale_seconds / 3, 1.0), self.sweep,
+                                  final_run=False)
 
     def enqueue(self, job_id: str) -> None:
         from app.worker.celery_app import RUN_JOB
@@ -73,22 +73,10 @@ class CeleryQueue:
             mark_not_enqueued(self._factory, job_id)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._sweep_forever(), name="slimserve-job-sweep")
+        await self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _sweep_forever(self) -> None:
-        interval = max(self._settings.job_stale_seconds / 3, 1.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.sweep)
-            except Exception:
-                log.warning("job sweep failed", exc_info=True)
+        await self._periodic.stop()
 
     def sweep(self) -> None:
         for job_id in lost_jobs(self._factory, self._settings.job_stale_seconds):
