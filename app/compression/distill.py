@@ -160,8 +160,8 @@ def _check_interface(teacher: Path, student: Path, name: str) -> None:
     want, got = graph.io_info(teacher), graph.io_info(student)
     for kind, expected, actual in (("inputs", want[0], got[0]), ("outputs", want[1], got[1])):
         if [(t.name, t.dtype) for t in expected] != [(t.name, t.dtype) for t in actual]:
-            raise InvalidRecipe(f"student '{name}' has {kind} {_describe(actual)}, the original {_describe(expected)}:"
-                                " a student needs the original's inputs and outputs")
+            raise InvalidRecipe(f"student '{name}' has {kind} {graph.describe_tensors(actual)}, the original "
+                                f"{graph.describe_tensors(expected)}: a student needs the original's inputs, outputs")
         for e, a in zip(expected, actual, strict=True):
             if len(e.shape) != len(a.shape) or any(x is not None and y is not None and x != y
                                                    for x, y in zip(e.shape, a.shape, strict=True)):
@@ -392,10 +392,6 @@ def _verify_export(path: Path, module: OnnxModule, inputs: dict[str, Tensor], th
                     raise StepFailed(f"distill: the exported model differs from the trained one by {diff:.3g}")
                 worst = max(worst, diff)
     return worst
-
-
-def _describe(tensors: list[graph.TensorInfo]) -> str:
-    return "[" + ", ".join(f"{t.name}:{t.dtype}" for t in tensors) + "]"
 
 
 def _round(value: float) -> float | None:

@@ -76,7 +76,8 @@ def check_step_output(original: Path, candidate: Path, step: str) -> None:
     got_in, got_out = io_info(candidate)
     for kind, want, got in (("inputs", want_in, got_in), ("outputs", want_out, got_out)):
         if [(t.name, t.dtype) for t in want] != [(t.name, t.dtype) for t in got]:
-            raise StepFailed(f"{step} changed the model's {kind}: {_describe(want)} became {_describe(got)}")
+            raise StepFailed(
+                f"{step} changed the model's {kind}: {describe_tensors(want)} became {describe_tensors(got)}")
         for w, g in zip(want, got, strict=True):
             same_rank = len(w.shape) == len(g.shape)
             if not same_rank or any(a is not None and a != b for a, b in zip(w.shape, g.shape, strict=True)):
@@ -103,7 +104,7 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return total, nonzero
 
 
-def _describe(tensors: list[TensorInfo]) -> str:
+def describe_tensors(tensors: list[TensorInfo]) -> str:
     return "[" + ", ".join(f"{t.name}:{t.dtype}" for t in tensors) + "]"
 
 
