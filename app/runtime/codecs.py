@@ -268,6 +268,8 @@ def _to_array(data: Any, spec: TensorSpec) -> np.ndarray:
         array = np.asarray(data)
     except (ValueError, TypeError):
         raise InvalidInput(f"input '{spec.name}': 'data' is not a regular (nested) list of numbers") from None
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=spec.numpy_dtype)  # `[]` parses as float64, whatever the tensor is
     kind = array.dtype.kind
     if kind not in _NUMERIC_KINDS:
         raise InvalidInput(f"input '{spec.name}' is {spec.datatype}: 'data' must hold numbers only")
