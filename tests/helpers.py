@@ -80,6 +80,17 @@ def external_data_model(location: str) -> bytes:
     return _serialize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def tensor_bomb_model() -> bytes:
+    """A 100-byte file declaring a 160 GB initializer: whatever reads the declared size first must not trust it."""
+    weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[200_000, 200_000], raw_data=b"\0" * 16)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])], "bomb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [200_000, 200_000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [200_000, 200_000])], initializer=[weights],
+    )
+    return _serialize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
 def unknown_op_model(domain: str) -> bytes:
     graph = helper.make_graph(
         [helper.make_node("FrobnicateTensor", ["x"], ["y"], domain=domain)], "custom",
