@@ -90,3 +90,10 @@ class Overloaded(SlimServeError):
 
     status_code = HTTPStatus.TOO_MANY_REQUESTS
     code = "overloaded"
+
+
+class InferenceTimeout(SlimServeError):
+    """A prediction that ran past SLIMSERVE_INFERENCE_TIMEOUT_SECONDS; the server stopped it and goes on."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "inference_timeout"

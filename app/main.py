@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
             max_concurrent=settings.max_concurrent_inferences,
             inline_max_seconds=settings.inline_inference_max_ms / 1e3,
             max_loaded_bytes=settings.max_loaded_bytes,
+            run_timeout_seconds=settings.inference_timeout_seconds,
         ), cache_dir=settings.data_dir / "cache" / "sessions")
         metrics = Metrics()
         metrics.watch_jobs(lambda: _job_stats(session_factory))

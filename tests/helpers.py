@@ -80,6 +80,29 @@ def external_data_model(location: str) -> bytes:
     return _serialize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def spin_model() -> bytes:
+    """A Loop whose trip count is an input: a tiny request can ask for hours of work."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "start"], ["total"], body=body)], "spin",
+        [helper.make_tensor_value_info("trips", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [1])],
+        initializer=[helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+                     helper.make_tensor("start", TensorProto.FLOAT, [1], [0.0])],
+    )
+    return _serialize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
 def tensor_bomb_model() -> bytes:
     """A 100-byte file declaring a 160 GB initializer: whatever reads the declared size first must not trust it."""
     weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[200_000, 200_000], raw_data=b"\0" * 16)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.errors import NotReady
+from app.errors import InferenceTimeout, NotReady
 from app.formats.onnx_model import open_session
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class SessionConfig:
     inline_max_seconds: float = 0.0002
     max_loaded_bytes: int | None = None
     """Sessions beyond this (by model file size) are closed least recently used first."""
+    run_timeout_seconds: float | None = None
+    """An inference still running after this long is stopped (onnxruntime's terminate flag)."""
 
 
 LEVELS = {
@@ -208,7 +210,20 @@ class SessionCache:
             loaded.record(done - enqueued, rows)
             return RunResult(names, arrays, 0.0, done - enqueued)
         loop = asyncio.get_running_loop()
-        arrays, started, done = await loop.run_in_executor(self._executor, _timed_run, loaded, names, feeds)
+        options = ort.RunOptions()
+        timeout = self._config.run_timeout_seconds
+        # The flag is read by onnxruntime between kernels, so a runaway model stops without killing the process.
+        timer = loop.call_later(timeout, _terminate, options) if timeout else None
+        try:
+            arrays, started, done = await loop.run_in_executor(self._executor, _timed_run, loaded, names, feeds,
+                                                               options)
+        except Exception:
+            if options.terminate:
+                raise InferenceTimeout(f"the inference ran longer than {timeout:g} s and was stopped") from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         loaded.record(done - started, rows)
         return RunResult(names, arrays, started - enqueued, done - started)
 
@@ -217,9 +232,13 @@ class SessionCache:
         self._sessions.clear()
 
 
+def _terminate(options: ort.RunOptions) -> None:
+    options.terminate = True
+
+
 def _timed_run(
-    loaded: LoadedSession, names: list[str], feeds: dict[str, np.ndarray]
+    loaded: LoadedSession, names: list[str], feeds: dict[str, np.ndarray], options: ort.RunOptions,
 ) -> tuple[list[np.ndarray], float, float]:
     started = time.perf_counter()
-    arrays = loaded.session.run(names, feeds)
+    arrays = loaded.session.run(names, feeds, options)
     return arrays, started, time.perf_counter()

@@ -241,3 +241,15 @@ def test_session_options_per_variant_and_the_optimized_graph_cache(make_settings
         again = client.post("/models/mlp/predict", json=body).json()["outputs"]
     np.testing.assert_allclose(again["logits"], default["logits"], rtol=1e-5)
     assert any("optimized graph from cache" in record.getMessage() for record in caplog.records)
+
+
+def test_a_runaway_inference_is_stopped_and_the_server_goes_on(make_settings) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import spin_model
+
+    with TestClient(create_app(make_settings(inference_timeout_seconds=0.5))) as client:
+        assert upload(client, "spin", spin_model()).status_code == 201
+        assert client.post("/models/spin/predict", json={"inputs": {"trips": 10}}).json()["outputs"]["total"] == [10.0]
+        runaway = client.post("/models/spin/predict", json={"inputs": {"trips": 10**12}})
+        assert runaway.status_code == 503 and "longer than 0.5 s" in runaway.json()["error"]
+        assert runaway.headers["retry-after"] == "1"
+        assert client.post("/models/spin/predict", json={"inputs": {"trips": 3}}).json()["outputs"]["total"] == [3.0]
