@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
 PRELOAD ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
-.PHONY: install run test bench bench-compression bench-jobs models clean
+.PHONY: install run test soak bench bench-compression bench-jobs models clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ run: install models
 
 test: install models
 	$(PY) -m pytest
+
+# The full bounded load test: 20,000 requests at concurrency 64 across two variants during a compression job.
+soak: install models
+	SOAK_REQUESTS=20000 $(PY) -m pytest tests/e2e/test_soak.py -v
 
 bench: install models
 	$(PY) benchmarks/serving.py
