@@ -103,6 +103,21 @@ def spin_model() -> bytes:
     return _serialize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def recursive_function_model() -> bytes:
+    """Two model-local functions that call each other: an expander following them would never stop."""
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)]
+    ping = helper.make_function("custom", "Ping", ["x"], ["y"],
+                                [helper.make_node("Pong", ["x"], ["y"], domain="custom")], opsets)
+    pong = helper.make_function("custom", "Pong", ["x"], ["y"],
+                                [helper.make_node("Ping", ["x"], ["y"], domain="custom")], opsets)
+    graph = helper.make_graph(
+        [helper.make_node("Ping", ["x"], ["y"], domain="custom")], "recursive",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    return _serialize(helper.make_model(graph, functions=[ping, pong], opset_imports=opsets))
+
+
 def tensor_bomb_model() -> bytes:
     """A 100-byte file declaring a 160 GB initializer: whatever reads the declared size first must not trust it."""
     weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[200_000, 200_000], raw_data=b"\0" * 16)

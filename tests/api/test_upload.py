@@ -19,6 +19,7 @@ from tests.helpers import (
     fails_on_zeros_model,
     npz_bytes,
     odd_names_model,
+    recursive_function_model,
     tensor_bomb_model,
     unknown_op_model,
 )
@@ -118,6 +119,7 @@ BAD_UPLOADS = [
     ("custom-domain", unknown_op_model("com.example"), "model.onnx", 422, "onnxruntime cannot load"),
     ("text-file", b"hello", "notes.txt", 415, "extension '.txt'"),
     ("tensor-bomb", tensor_bomb_model(), "model.onnx", 422, "too small for the declared shape"),
+    ("recursive-functions", recursive_function_model(), "model.onnx", 422, "must not be recursive"),
 ]
 
 
