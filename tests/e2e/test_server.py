@@ -162,3 +162,41 @@ def test_metrics_are_summed_across_server_processes(server_factory: Callable[...
     for _ in range(10):
         metrics = httpx.get(f"{server.url}/metrics").text
         assert _histogram_count(metrics, "mlp", "predict") == 60
+
+
+def test_kill_during_routing_changes_leaves_old_or_new_never_a_mix(
+    server_factory: Callable[..., Server], tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "routing-crash"
+    server = server_factory(data_dir)
+    with server.client() as api, open(MLP, "rb") as model, open(MLP_SAMPLES, "rb") as samples:
+        assert api.post("/models", data={"name": "mlp", "compress": "int8-dynamic"},
+                        files={"file": ("m.onnx", model), "samples": ("s.npz", samples)}).status_code == 201
+        job = api.get("/jobs").json()["jobs"][0]
+        deadline = time.monotonic() + 120
+        while api.get(f"/jobs/{job['id']}").json()["state"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    first = {"default": "original", "canary": {"variant": "int8-dynamic", "percent": 30.0}, "shadow": None}
+    second = {"default": "int8-dynamic", "canary": None, "shadow": {"variant": "original", "percent": 50.0}}
+    stop = threading.Event()
+
+    def flip() -> None:
+        with httpx.Client(base_url=server.url, timeout=5) as client:
+            for index in range(10_000):
+                if stop.is_set():
+                    return
+                try:
+                    client.put("/models/mlp/routing", json=(first, second)[index % 2])
+                except httpx.HTTPError:
+                    return  # the server is gone
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    time.sleep(1.0)
+    server.stop(signal.SIGKILL)
+    stop.set()
+    flipper.join(timeout=30)
+    restarted = server_factory(data_dir)
+    with restarted.client() as api:
+        assert api.get("/models/mlp").json()["routing"] in (first, second)
