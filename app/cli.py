@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -47,6 +48,11 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    if settings.memory_limit_bytes is not None:
+        # A soft limit: allocations beyond it fail inside onnxruntime (an error we answer), not in the kernel's
+        # OOM killer; job processes raise it back for themselves.
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit_bytes, hard))
     import uvicorn
 
     uvicorn.run(

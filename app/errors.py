@@ -97,3 +97,10 @@ class InferenceTimeout(SlimServeError):
 
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
     code = "inference_timeout"
+
+
+class OutOfMemory(SlimServeError):
+    """An inference needed more memory than the process may use; refused so the server keeps serving."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "out_of_memory"

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     """Cap on the model bytes with open sessions per process; least recently used sessions close first."""
     inference_timeout_seconds: float | None = Field(default=60.0, gt=0)
     """A prediction still computing after this long is stopped and answered 503 (None: no limit)."""
+    memory_limit_bytes: int | None = Field(default=None, gt=0)
+    """Address-space cap of each server process: an inference that would need more is refused (503), not killed."""
     max_queue: int = Field(default=256, gt=0)
     """Predictions waiting or running per model variant and process; beyond it requests get 429 at once."""
     inline_inference_max_ms: float = Field(default=0.2, ge=0)

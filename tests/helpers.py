@@ -118,6 +118,19 @@ def recursive_function_model() -> bytes:
     return _serialize(helper.make_model(graph, functions=[ping, pong], opset_imports=opsets))
 
 
+def allocating_model() -> bytes:
+    """Range(0, n): a scalar input decides how much memory the answer takes."""
+    graph = helper.make_graph(
+        [helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+         helper.make_node("ReduceSum", ["r"], ["s"], keepdims=0)],
+        "alloc", [helper.make_tensor_value_info("n", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+        initializer=[helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                     helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    return _serialize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
 def tensor_bomb_model() -> bytes:
     """A 100-byte file declaring a 160 GB initializer: whatever reads the declared size first must not trust it."""
     weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[200_000, 200_000], raw_data=b"\0" * 16)

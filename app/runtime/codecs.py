@@ -172,8 +172,15 @@ def encode_v2(
 
 
 def encode_outputs_nested(names: list[str], results: list[np.ndarray]) -> dict[str, Any]:
-    return {n: (r.astype(np.float32) if r.dtype == np.float16 else _bytes_to_str(r)) for n, r in
-            zip(names, results, strict=True)}
+    return {n: _nested(r) for n, r in zip(names, results, strict=True)}
+
+
+def _nested(array: np.ndarray) -> Any:
+    if array.ndim == 0:
+        return _decode(array.item()) if array.dtype.kind in ("O", "S", "U") else array.item()  # orjson: no 0-d
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    return _bytes_to_str(array)
 
 
 def _bytes_to_str(array: np.ndarray) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import InvalidContent, InvalidInput, Overloaded, SlimServeError, VariantNotFound
+from app.errors import InvalidContent, InvalidInput, OutOfMemory, Overloaded, SlimServeError, VariantNotFound
 from app.metrics import Metrics
 from app.runtime import codecs
 from app.runtime.batching import Batcher
@@ -183,6 +183,9 @@ class InferenceService:
         except SlimServeError:
             raise
         except Exception as exc:
+            if "Failed to allocate memory" in str(exc) or isinstance(exc, MemoryError):
+                raise OutOfMemory("this input would need more memory than the server may use "
+                                  "(SLIMSERVE_MEMORY_LIMIT_BYTES); send a smaller batch") from None
             # Types and shapes were checked already, so what is left depends on the values sent.
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise InvalidContent(f"the model failed on this input: {text}") from None

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -29,6 +30,9 @@ CANCEL_GRACE_SECONDS = 10.0
 
 def _child_setup(niceness: int) -> None:
     os.nice(niceness)
+    # The server's memory cap is for predictions; a job (torch, calibration) gets the hard limit.
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
     # If the server dies, its jobs die with it and are run again after the restart, never twice at once.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

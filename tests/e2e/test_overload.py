@@ -44,3 +44,19 @@ def test_overload_answers_429_with_retry_after(server_factory: Callable[..., Ser
     assert float(line.rsplit(" ", 1)[1]) == codes[429]
     # Once the burst is over, it serves normally.
     assert httpx.post(f"{server.url}/v2/models/encoder/infer", json=body, timeout=60).status_code == 200
+
+
+def test_memory_hungry_input_is_refused_and_the_server_goes_on(
+    server_factory: Callable[..., Server], tmp_path: Path,
+) -> None:
+    from tests.helpers import allocating_model
+
+    server = server_factory(tmp_path / "memory", SLIMSERVE_MEMORY_LIMIT_BYTES=str(4 * 2**30))
+    with server.client() as client:
+        assert client.post("/models", data={"name": "alloc"},
+                           files={"file": ("a.onnx", allocating_model())}).status_code == 201
+        assert client.post("/models/alloc/predict", json={"inputs": {"n": 100.0}}).json()["outputs"]["s"] == 4950.0
+        hungry = client.post("/models/alloc/predict", json={"inputs": {"n": 3e9}})  # 12 GB for one answer
+        assert hungry.status_code == 503 and "SLIMSERVE_MEMORY_LIMIT_BYTES" in hungry.json()["error"]
+        assert client.post("/models/alloc/predict", json={"inputs": {"n": 10.0}}).json()["outputs"]["s"] == 45.0
+    assert server.process.poll() is None

@@ -193,3 +193,10 @@ def test_plain_predict_accepts_named_or_bare_inputs() -> None:
         codecs.decode_predict({"inputs": {"x": [[1, 2]]}}, {"x": SPEC}, LIMITS)
     with pytest.raises(InvalidInput, match="numbers only"):
         codecs.decode_predict({"inputs": {"x": [["a", "b", "c"]]}}, {"x": SPEC}, LIMITS)
+
+
+def test_scalar_and_string_outputs_of_plain_predict() -> None:
+    nested = codecs.encode_outputs_nested(
+        ["s", "t", "h"], [np.array(4.5, np.float32), np.array([b"a", "b"], dtype=object), np.ones(2, np.float16)])
+    assert orjson.loads(orjson.dumps(nested, option=orjson.OPT_SERIALIZE_NUMPY)) == {
+        "s": 4.5, "t": ["a", "b"], "h": [1.0, 1.0]}
