@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     """Allow binding to a non-loopback address without any API key."""
     public_metrics: bool = True
     """Serve `/metrics` without an API key."""
+    public_health: bool = True
+    """Serve `/v2/health/live` and `/v2/health/ready` without an API key (orchestrators probe them)."""
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
     """Largest accepted model upload (whole multipart body), in bytes."""
     max_request_bytes: int = Field(default=64 * 1024**2, gt=0)

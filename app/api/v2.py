@@ -52,15 +52,23 @@ async def server_metadata() -> OrjsonResponse:
     return OrjsonResponse({"name": "slimserve", "version": _server_version(), "extensions": ["binary_tensor_data"]})
 
 
+def _health_guard(request: Request) -> None:
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is not None and not services.settings.public_health:
+        services.auth.require(request.headers, "predict")
+
+
 @router.get("/v2/health/live")
-async def live() -> OrjsonResponse:
+async def live(request: Request) -> OrjsonResponse:
     """The process is up."""
+    _health_guard(request)
     return OrjsonResponse({"live": True})
 
 
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> OrjsonResponse:
     """Start-up finished: models can be served."""
+    _health_guard(request)
     is_ready = bool(getattr(request.app.state, "ready", False))
     return OrjsonResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 

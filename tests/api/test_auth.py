@@ -70,3 +70,11 @@ def test_management_actions_are_audited_without_the_key(secured: TestClient, cap
     assert [(e["method"], e["path"]) for e in events] == [("POST", "/models"), ("DELETE", "/models/mlp")]
     assert all(e["key_id"] and len(e["key_id"]) == 12 and e["time"] for e in events)
     assert all(ADMIN not in r.getMessage() for r in caplog.records)
+
+
+def test_health_can_be_protected(make_settings) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(api_keys=f"predict:{READER}", public_health=False)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v2/health/ready").status_code == 401
+        assert client.get("/v2/health/live").status_code == 401
+        assert client.get("/v2/health/ready", headers={"X-API-Key": READER}).json() == {"ready": True}

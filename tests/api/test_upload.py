@@ -120,6 +120,8 @@ BAD_UPLOADS = [
     ("text-file", b"hello", "notes.txt", 415, "extension '.txt'"),
     ("tensor-bomb", tensor_bomb_model(), "model.onnx", 422, "too small for the declared shape"),
     ("recursive-functions", recursive_function_model(), "model.onnx", 422, "must not be recursive"),
+    # A length prefix claiming 2 GB of repeated data in a file of a few kilobytes.
+    ("protobuf-bomb", MLP.read_bytes() + b"\x3a\xff\xff\xff\xff\x07", "model.onnx", 422, "not a valid ONNX"),
 ]
 
 
@@ -141,7 +143,8 @@ def test_bad_model_files_are_refused_and_nothing_is_stored(
     assert mlp_client.post("/models/mlp/predict", json={"inputs": [[0.0] * 64]}).status_code == 200
 
 
-@pytest.mark.parametrize("name", ["../x", "Upper", "a" * 200, "", "-lead", "a/b", "x\x00y", "ｍodel"])
+@pytest.mark.parametrize("name", ["../x", "Upper", "a" * 200, "", "-lead", "a/b", "/etc/passwd", "x\x00y", "ｍodel",
+                                  ".hidden", "C:\\x"])
 def test_invalid_names_are_refused(client: TestClient, settings: Settings, name: str) -> None:
     response = upload(client, name, MLP)
     assert response.status_code == 422
@@ -232,3 +235,51 @@ def test_cnn_with_samples(client: TestClient) -> None:
     response = upload(client, "digits", CNN, CNN_SAMPLES)
     assert response.status_code == 201, response.text
     assert response.json()["inputs"][0]["shape"] == [-1, 1, 8, 8]
+
+
+class _Planted:
+    """Unpickling this would create a file: proof of code execution if it ever appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
+    import io
+    import stat
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+        if symlink is not None:
+            info = zipfile.ZipInfo("archive/data/link")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, symlink)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("filename", ["model.pt", "model.pt2", "model.onnx"])
+def test_planted_pickles_and_archives_never_execute(client: TestClient, settings: Settings, tmp_path: Path,
+                                                   filename: str) -> None:
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Planted(marker))
+    for content in (payload, _zip({"archive/data.pkl": payload}),
+                    _zip({"archive/data.pkl": payload, "archive/code/m.py": b""}, symlink="/etc/passwd")):
+        response = upload(client, "evil", content, filename=filename)
+        assert response.status_code == 415, response.text
+        assert not marker.exists()
+    assert _stored_files(settings) == []
+
+
+def test_samples_that_unpack_beyond_the_limit_are_refused(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.formats import datasets
+
+    monkeypatch.setattr(datasets, "MAX_UNCOMPRESSED_BYTES", 1000)  # a real bomb would need gigabytes on disk
+    response = upload(client, "mlp", MLP, npz_bytes(input=np.zeros((100, 64), np.float32)))
+    assert response.status_code == 413 and "unpacks to" in response.json()["error"]
+    assert client.get("/models/mlp").status_code == 404
