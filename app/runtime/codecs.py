@@ -281,7 +281,8 @@ def _to_array(data: Any, spec: TensorSpec) -> np.ndarray:
     if kind not in _NUMERIC_KINDS:
         raise InvalidInput(f"input '{spec.name}' is {spec.datatype}: 'data' must hold numbers only")
     if kind == "f" and spec.numpy_dtype.kind in _INTEGER_KINDS:
-        raise InvalidInput(f"input '{spec.name}' is {spec.datatype}: 'data' must hold integers only")
+        # numpy turns [2**63, 0] into float64; only real fractions are refused.
+        return _exact_integers(data, spec)
     target = spec.numpy_dtype
     if target.kind in "iu" and array.dtype != target and array.size:
         # astype wraps silently (300 -> 44 as UINT8): check the range first.
@@ -289,6 +290,16 @@ def _to_array(data: Any, spec: TensorSpec) -> np.ndarray:
         if array.min() < limits.min or array.max() > limits.max:
             raise InvalidInput(f"input '{spec.name}': a value does not fit {spec.datatype}")
     return array.astype(target, copy=False)
+
+
+def _exact_integers(data: Any, spec: TensorSpec) -> np.ndarray:
+    values = np.asarray(data, dtype=object)
+    if not all(type(v) is int for v in values.flat):
+        raise InvalidInput(f"input '{spec.name}' is {spec.datatype}: 'data' must hold integers only")
+    limits = np.iinfo(spec.numpy_dtype)
+    if not all(limits.min <= v <= limits.max for v in values.flat):
+        raise InvalidInput(f"input '{spec.name}': a value does not fit {spec.datatype}")
+    return values.astype(spec.numpy_dtype)
 
 
 def _from_binary(raw: bytes, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:

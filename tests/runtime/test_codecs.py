@@ -200,3 +200,13 @@ def test_scalar_and_string_outputs_of_plain_predict() -> None:
         ["s", "t", "h"], [np.array(4.5, np.float32), np.array([b"a", "b"], dtype=object), np.ones(2, np.float16)])
     assert orjson.loads(orjson.dumps(nested, option=orjson.OPT_SERIALIZE_NUMPY)) == {
         "s": 4.5, "t": ["a", "b"], "h": [1.0, 1.0]}
+
+
+def test_large_unsigned_values_keep_every_bit() -> None:
+    spec = TensorSpec("x", "UINT64", (-1,))
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "UINT64", "data": [2**63 + 1, 0]}]})
+    decoded = codecs.decode_v2(body, None, {"x": spec}, LIMITS).inputs["x"]
+    assert decoded.dtype == np.uint64 and decoded.tolist() == [2**63 + 1, 0]
+    fraction = orjson.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "UINT64", "data": [2**63, 0.5]}]})
+    with pytest.raises(InvalidInput, match="integers only"):
+        codecs.decode_v2(fraction, None, {"x": spec}, LIMITS)

@@ -90,3 +90,23 @@ def test_any_json_document_is_refused_or_accepted_never_crashes(document: object
             codecs.decode_v2(body, None, spec, LIMITS)
         except SlimServeError as exc:
             assert 400 <= exc.status_code < 500
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4), st.data())
+def test_bytes_round_trip(shape: tuple[int, ...], data: st.DataObject) -> None:
+    count = int(np.prod(shape))
+    values = data.draw(st.lists(st.text(max_size=12), min_size=count, max_size=count))
+    array = np.array(values, dtype=object).reshape(shape)
+    spec = {"x": TensorSpec("x", "BYTES", tuple(-1 for _ in shape))}
+    encoded = [v.encode() for v in values]
+    blob = b"".join(len(v).to_bytes(4, "little") + v for v in encoded)
+    header = orjson.dumps({"inputs": [{"name": "x", "shape": list(shape), "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": len(blob)}}]})
+    binary = codecs.decode_v2(header + blob, str(len(header)), spec, LIMITS).inputs["x"]
+    assert list(binary.ravel()) == encoded
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": list(shape), "datatype": "BYTES", "data": values}]})
+    request = codecs.decode_v2(body, None, spec, LIMITS)
+    assert list(request.inputs["x"].ravel()) == values
+    out, _ = codecs.encode_v2(model="m", variant="v", request=request, names=["x"], results=[array], specs=spec)
+    assert orjson.loads(out)["outputs"][0]["data"] == values
