@@ -129,20 +129,25 @@ def test_kill_during_upload_leaves_nothing_behind(server_factory: Callable[..., 
     assert [p for p in (data_dir / "artifacts").rglob("*") if p.is_file()] == []
 
 
+def _mlp_with_int8_variant(server: Server) -> None:
+    """Upload the MLP with `compress=int8-dynamic` and wait for the variant."""
+    with server.client() as api, open(MLP, "rb") as model, open(MLP_SAMPLES, "rb") as samples:
+        assert api.post("/models", data={"name": "mlp", "compress": "int8-dynamic"},
+                        files={"file": ("m.onnx", model), "samples": ("s.npz", samples)}).status_code == 201
+        job = api.get("/jobs").json()["jobs"][0]
+        deadline = time.monotonic() + 120
+        while api.get(f"/jobs/{job['id']}").json()["state"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
 def test_routing_change_reaches_another_server_process_within_a_second(
     server_factory: Callable[..., Server], tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "shared"
     first = server_factory(data_dir)
     second = server_factory(data_dir)
-    with first.client() as a, open(MLP, "rb") as model, open(MLP_SAMPLES, "rb") as samples:
-        assert a.post("/models", data={"name": "mlp", "compress": "int8-dynamic"},
-                      files={"file": ("m.onnx", model), "samples": ("s.npz", samples)}).status_code == 201
-        job = a.get("/jobs").json()["jobs"][0]
-        deadline = time.monotonic() + 120
-        while a.get(f"/jobs/{job['id']}").json()["state"] != "succeeded":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    _mlp_with_int8_variant(first)
     row = {"inputs": [[0.0] * 64]}
     with first.client() as a, second.client() as b:
         assert b.post("/models/mlp/predict", json=row).json()["variant"] == "original"
@@ -169,14 +174,7 @@ def test_kill_during_routing_changes_leaves_old_or_new_never_a_mix(
 ) -> None:
     data_dir = tmp_path / "routing-crash"
     server = server_factory(data_dir)
-    with server.client() as api, open(MLP, "rb") as model, open(MLP_SAMPLES, "rb") as samples:
-        assert api.post("/models", data={"name": "mlp", "compress": "int8-dynamic"},
-                        files={"file": ("m.onnx", model), "samples": ("s.npz", samples)}).status_code == 201
-        job = api.get("/jobs").json()["jobs"][0]
-        deadline = time.monotonic() + 120
-        while api.get(f"/jobs/{job['id']}").json()["state"] != "succeeded":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    _mlp_with_int8_variant(server)
     first = {"default": "original", "canary": {"variant": "int8-dynamic", "percent": 30.0}, "shadow": None}
     second = {"default": "int8-dynamic", "canary": None, "shadow": {"variant": "original", "percent": 50.0}}
     stop = threading.Event()
