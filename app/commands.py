@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,17 +33,22 @@ def _fail(exc: ServerError) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _ask(url: str, api_key: str | None, call: Callable[[SlimServeClient], Any]) -> Any:
+    """One call to the server; its refusal is printed and ends the command with exit code 1."""
+    try:
+        with _client(url, api_key) as client:
+            return call(client)
+    except ServerError as exc:
+        raise _fail(exc) from None
+
+
 def upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
            name: Annotated[str, typer.Option("--name", help="Model name")],
            samples: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=".npz samples")] = None,
            compress: Annotated[str | None, typer.Option(help="Preset or JSON recipe to start at once")] = None,
            url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Upload a model (and samples); print its inputs and outputs."""
-    try:
-        with _client(url, api_key) as client:
-            model = client.upload(file, name, samples, compress)
-    except ServerError as exc:
-        raise _fail(exc) from None
+    model = _ask(url, api_key, lambda client: client.upload(file, name, samples, compress))
     console.print(f"uploaded [bold]{model['name']}[/bold]: {model['size_bytes']:,} bytes, {model['parameters']:,} "
                   f"parameters, opset {model['opset']}, sha256 {model['sha256'][:12]}")
     for kind in ("inputs", "outputs"):
@@ -110,11 +116,7 @@ def _follow(client: SlimServeClient, job_id: str) -> Any:
 def jobs(model: Annotated[str | None, typer.Option(help="Only this model's jobs")] = None,
          url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """List jobs, newest first."""
-    try:
-        with _client(url, api_key) as client:
-            rows = client.jobs(model)
-    except ServerError as exc:
-        raise _fail(exc) from None
+    rows = _ask(url, api_key, lambda client: client.jobs(model))
     table = Table("id", "model", "recipe", "state", "progress", "variant", "error")
     for job in rows:
         recipe = job["recipe"] if isinstance(job["recipe"], str) else "custom"
@@ -125,11 +127,7 @@ def jobs(model: Annotated[str | None, typer.Option(help="Only this model's jobs"
 
 def models(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """List models with their variants and default."""
-    try:
-        with _client(url, api_key) as client:
-            rows = client.models()
-    except ServerError as exc:
-        raise _fail(exc) from None
+    rows = _ask(url, api_key, lambda client: client.models())
     table = Table("name", "state", "size", "parameters", "variants", "default")
     for model in rows:
         table.add_row(model["name"], model["state"], f"{model['size_bytes']:,}", f"{model['parameters']:,}",
@@ -140,11 +138,7 @@ def models(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
 def variants(name: Annotated[str, typer.Argument(help="Model")], url: Url = DEFAULT_URL,
              api_key: ApiKey = None) -> None:
     """A model's variants side by side with the original: size, speedup, fidelity."""
-    try:
-        with _client(url, api_key) as client:
-            model = client.model(name)
-    except ServerError as exc:
-        raise _fail(exc) from None
+    model = _ask(url, api_key, lambda client: client.model(name))
     table = Table("variant", "size", "size ×", "speedup b1", "speedup bN", "fidelity", "budget")
     for variant in model["variants"]:
         report = variant["report"]
@@ -165,11 +159,7 @@ def predict(name: Annotated[str, typer.Argument(help="Model")],
             url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Run one prediction and print the outputs as JSON."""
     inputs = _read_inputs(input_file)
-    try:
-        with _client(url, api_key) as client:
-            answer = client.predict(name, inputs, variant)
-    except ServerError as exc:
-        raise _fail(exc) from None
+    answer = _ask(url, api_key, lambda client: client.predict(name, inputs, variant))
     console.print_json(json.dumps(answer))
 
 
@@ -226,11 +216,7 @@ def bench(name: Annotated[str, typer.Argument(help="Model")],
           input_file: Annotated[Path | None, typer.Option("--input", exists=True, dir_okay=False)] = None,
           url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Client-side latency per variant (includes this client's own cost; for server numbers see /metrics)."""
-    try:
-        with _client(url, api_key) as client:
-            model = client.model(name)
-    except ServerError as exc:
-        raise _fail(exc) from None
+    model = _ask(url, api_key, lambda client: client.model(name))
     names = variant_list.split(",") if variant_list else [v["name"] for v in model["variants"]]
     inputs = _read_inputs(input_file) if input_file else _generated_inputs(model)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -145,12 +145,7 @@ class ModelService:
 
     def delete_variant(self, model_name: str, variant: str) -> list[str]:
         with transaction(self._session_factory) as session:
-            row = repositories.get_model(session, name=model_name)
-            if row is None:
-                raise ModelNotFound(model_name)
-            target = next((v for v in row.variants if v.name == variant), None)
-            if target is None:
-                raise VariantNotFound(model_name, variant)
+            row, target = _model_and_variant(session, model_name, variant)
             if variant == ORIGINAL:
                 raise Conflict("the original variant cannot be deleted; delete the model instead")
             routed = {row.routing.get("default")} | {
@@ -167,12 +162,7 @@ class ModelService:
     def configure_session(self, model_name: str, variant: str, options: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """Per-variant onnxruntime options; returns them and the variant's artifact hash (to close old sessions)."""
         with transaction(self._session_factory) as session:
-            row = repositories.get_model(session, name=model_name)
-            if row is None:
-                raise ModelNotFound(model_name)
-            target = next((v for v in row.variants if v.name == variant), None)
-            if target is None:
-                raise VariantNotFound(model_name, variant)
+            row, target = _model_and_variant(session, model_name, variant)
             row.config = {**row.config, "sessions": {**(row.config.get("sessions") or {}), variant: options}}
             sha = target.sha256
         self._catalog.invalidate(model_name)
@@ -226,6 +216,16 @@ class ModelService:
             for sha, suffix in files:
                 if not repositories.artifact_in_use(session, sha256=sha):
                     self._store.remove(sha, suffix)
+
+
+def _model_and_variant(session: Session, model_name: str, variant: str) -> tuple[ModelRow, VariantRow]:
+    row = repositories.get_model(session, name=model_name)
+    if row is None:
+        raise ModelNotFound(model_name)
+    target = next((v for v in row.variants if v.name == variant), None)
+    if target is None:
+        raise VariantNotFound(model_name, variant)
+    return row, target
 
 
 def _dataset_row(name: str, temp: TempWriter, dataset: dataset_format.Dataset) -> DatasetRow:
