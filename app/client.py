@@ -46,8 +46,10 @@ class SlimServeClient:
         except httpx.TransportError as exc:
             raise ServerError(0, f"cannot reach {self.url}: {exc}") from None
 
-    def upload(self, file: Path, name: str, samples: Path | None, compress: str | None) -> Any:
-        data = {"name": name, **({"compress": compress} if compress else {})}
+    def upload(self, file: Path, name: str, samples: Path | None, compress: str | None,
+               input_shapes: str | None = None) -> Any:
+        data = {"name": name, **({"compress": compress} if compress else {}),
+                **({"input_shapes": input_shapes} if input_shapes else {})}
         with open(file, "rb") as model:
             files: dict[str, Any] = {"file": (file.name, model)}
             if samples is None:

@@ -46,11 +46,29 @@ def upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
            name: Annotated[str, typer.Option("--name", help="Model name")],
            samples: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help=".npz samples")] = None,
            compress: Annotated[str | None, typer.Option(help="Preset or JSON recipe to start at once")] = None,
+           input_shapes: Annotated[str | None, typer.Option(
+               help='PyTorch files without samples: JSON {input: [dims]}, e.g. \'{"x": ["batch", 1, 8, 8]}\'')] = None,
            url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Upload a model (and samples); print its inputs and outputs."""
-    model = _ask(url, api_key, lambda client: client.upload(file, name, samples, compress))
+    """Upload a model (and samples); a PyTorch file is followed through its conversion. Print inputs and outputs."""
+    try:
+        with _client(url, api_key) as client:
+            model = client.upload(file, name, samples, compress, input_shapes)
+            if model["state"] == "converting":
+                console.print(f"uploaded {model['format']} file; converting to ONNX")
+                conversion = next(j for j in client.jobs(name) if j["recipe"] == "convert")
+                _follow(client, conversion["id"])
+                model = client.model(name)
+    except ServerError as exc:
+        raise _fail(exc) from None
+    if model["state"] != "ready":
+        console.print(f"[red]conversion failed:[/red] {model['error'] or model['state']}")
+        raise typer.Exit(1)
     console.print(f"uploaded [bold]{model['name']}[/bold]: {model['size_bytes']:,} bytes, {model['parameters']:,} "
                   f"parameters, opset {model['opset']}, sha256 {model['sha256'][:12]}")
+    if model.get("conversion"):
+        conversion = model["conversion"]
+        console.print(f"  converted from {model['format']}: max abs error vs PyTorch {conversion['max_abs_error']:.2g}"
+                      f" over {conversion['rows_checked']} rows")
     for kind in ("inputs", "outputs"):
         for tensor in model[kind]:
             console.print(f"  {kind[:-1]} {tensor['name']}: {tensor['datatype']} {tensor['shape']}")
@@ -130,7 +148,7 @@ def models(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     rows = _ask(url, api_key, lambda client: client.models())
     table = Table("name", "state", "size", "parameters", "variants", "default")
     for model in rows:
-        table.add_row(model["name"], model["state"], f"{model['size_bytes']:,}", f"{model['parameters']:,}",
+        table.add_row(model["name"], model["state"], f"{model['size_bytes']:,}", f"{model['parameters'] or 0:,}",
                       ", ".join(v["name"] for v in model["variants"]), model["routing"]["default"])
     console.print(table)
 

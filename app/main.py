@@ -59,8 +59,10 @@ def create_app(settings: Settings | None = None) -> FastPath:
         ), cache_dir=settings.data_dir / "cache" / "sessions")
         metrics = Metrics()
         metrics.watch_jobs(lambda: _job_stats(session_factory))
+        queue = make_queue(settings, session_factory)
         model_service = ModelService(
-            session_factory=session_factory, store=store, catalog=catalog, providers=settings.execution_providers
+            session_factory=session_factory, store=store, catalog=catalog, providers=settings.execution_providers,
+            enqueue=queue.enqueue,
         )
         capture = TrafficCapture(session_factory=session_factory, store=store, catalog=catalog,
                                  flush_seconds=settings.capture_flush_seconds)
@@ -71,7 +73,6 @@ def create_app(settings: Settings | None = None) -> FastPath:
             max_queue=settings.max_queue,
             limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
         )
-        queue = make_queue(settings, session_factory)
         app.state.services = Services(
             settings=settings, models=model_service, inference=inference, store=store, metrics=metrics,
             auth=Authenticator(settings.api_keys),

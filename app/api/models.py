@@ -33,7 +33,7 @@ from app.services.models import MODEL_SUFFIX, ORIGINAL, IncomingFile
 
 router = APIRouter(tags=["models"])
 
-UPLOAD_FIELDS = {"file", "name", "samples", "compress", "promote"}
+UPLOAD_FIELDS = {"file", "name", "samples", "compress", "promote", "input_shapes"}
 _UPLOAD_DOC = {
     "requestBody": {
         "required": True,
@@ -43,7 +43,10 @@ _UPLOAD_DOC = {
                     "type": "object",
                     "required": ["file", "name"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "The ONNX model (.onnx)"},
+                        "file": {"type": "string", "format": "binary", "description": (
+                            "The model: ONNX (.onnx), a torch.export archive (.pt2, torch.export.save) or "
+                            "TorchScript (.pt, torch.jit.save). PyTorch files are converted to ONNX by a job: "
+                            "the model is 'converting' until it ends. Pickles (torch.save) are refused.")},
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
                                  "example": "mymodel"},
                         "samples": {"type": "string", "format": "binary",
@@ -53,6 +56,11 @@ _UPLOAD_DOC = {
                                      "description": "A preset name or a recipe as JSON: starts a job at once"},
                         "promote": {"type": "boolean", "description": "With compress: make the result the "
                                                                       "default variant if within budget"},
+                        "input_shapes": {"type": "string", "example": '{"x": ["batch", 1, 8, 8]}',
+                                         "description": (
+                            "PyTorch files only, JSON {input: [dims]} or {input: {\"shape\": [dims], "
+                            "\"dtype\": \"INT64\"}}: example inputs for the conversion when no samples are sent. "
+                            "A dim is a size or an axis name; named axes (and always the first) are dynamic")},
                     },
                 }
             }
@@ -92,12 +100,16 @@ async def upload_model(request: Request, services: ServicesDep, _key: Admin) -> 
         assert model_file is not None
         compress = _compress_field(form)
         promote = form.fields.get("promote", "false").strip().lower() in ("1", "true", "yes")
+        if compress is not None:
+            services.jobs.check_recipe(compress)
         row = await asyncio.to_thread(
-            services.models.create, name=form.fields["name"], model=model_file, samples=_incoming(form, "samples")
+            services.models.create, name=form.fields["name"], model=model_file, samples=_incoming(form, "samples"),
+            input_shapes=form.fields.get("input_shapes"),
+            after_conversion={"recipe": compress, "promote": promote} if compress is not None else None,
         )
     finally:
         form.discard()
-    if compress is not None:
+    if compress is not None and row.state == "ready":
         try:
             await asyncio.to_thread(services.jobs.create, model_name=row.name, recipe=compress, promote=promote)
         except SlimServeError:

@@ -42,11 +42,15 @@ class RoutingPublic(BaseModel):
 
 class ModelPublic(BaseModel):
     name: str = Field(examples=["digits"])
-    state: str = Field(description="ready | converting | failed", examples=["ready"])
+    state: str = Field(description="ready | converting (a PyTorch upload being converted to ONNX) | failed",
+                       examples=["ready"])
+    error: str | None = Field(default=None, description="Why the model failed (its conversion), in words",
+                              examples=[None])
     warnings: list[str]
-    format: str = Field(examples=["onnx"])
-    sha256: str = Field(description="sha256 of the uploaded file")
-    size_bytes: int
+    format: str = Field(description="What was uploaded: onnx | torch.export | torchscript", examples=["onnx"])
+    sha256: str = Field(description="sha256 of the uploaded file (a converted model's ONNX is its original "
+                                    "variant)")
+    size_bytes: int = Field(description="Size of the uploaded file")
     created_at: datetime
     inputs: list[TensorPublic]
     outputs: list[TensorPublic]
@@ -57,6 +61,12 @@ class ModelPublic(BaseModel):
     datasets: list[DatasetPublic]
     capture: dict[str, Any] | None = Field(
         default=None, description="Traffic capture: reservoir size and rows seen; null when off")
+    conversion: dict[str, Any] | None = Field(
+        default=None, description="PyTorch uploads: source format, state, the exporter used, dynamic axes, and the "
+                                  "largest absolute difference between the ONNX model and PyTorch on the example "
+                                  "inputs (max_abs_error, rows_checked); null for ONNX uploads",
+        examples=[{"source_format": "torch.export", "state": "succeeded", "max_abs_error": 3.7e-08,
+                   "rows_checked": 10, "dynamic_axes": {"x": [0]}, "exporter": "dynamo"}])
     shadow: dict[str, Any] = Field(
         default_factory=dict, description="Per shadow variant: requests, rows, agreement or cosine with the "
                                           "answering variant, mean latency of each side (all processes)")
@@ -87,8 +97,10 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
 
 
 def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPublic:
+    conversion = (row.config or {}).get("conversion")
     return ModelPublic(
-        name=row.name, state=row.state, warnings=list(row.warnings), format=row.format, sha256=row.sha256,
+        name=row.name, state=row.state, error=conversion.get("error") if conversion else None,
+        warnings=list(row.warnings), format=row.format, sha256=row.sha256,
         size_bytes=row.size_bytes, created_at=row.created_at,
         inputs=[TensorPublic(**t) for t in row.inputs], outputs=[TensorPublic(**t) for t in row.outputs],
         opset=row.opset, parameters=row.parameters,
@@ -96,6 +108,7 @@ def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPu
         routing=RoutingPublic(**row.routing),
         datasets=[dataset_public(d) for d in row.datasets],
         capture=(row.config or {}).get("capture"),
+        conversion=conversion,
         shadow=shadow or {},
     )
 

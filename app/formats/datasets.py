@@ -26,35 +26,42 @@ class Dataset:
         return int(next(iter(self.arrays.values())).shape[0])
 
 
-def load_dataset(path: Path, inputs: list[TensorSpec], *, display_name: str) -> Dataset:
-    """Load and check every array; never unpickles (object arrays are refused)."""
+def read_arrays(path: Path, *, display_name: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz, bounded in size; never unpickles (object arrays are refused)."""
     _check_archive(path, display_name)
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise InvalidContent(f"{display_name} is not a readable .npz file ({exc})") from None
-    specs = {spec.name: spec for spec in inputs}
     arrays: dict[str, np.ndarray] = {}
-    labels: np.ndarray | None = None
     with archive:
         for key in archive.files:
             try:
-                array = archive[key]
+                arrays[key] = archive[key]
             except ValueError:
                 raise InvalidContent(
                     f"array '{key}' in {display_name} holds Python objects, which are never unpickled"
                 ) from None
             except Exception as exc:
                 raise InvalidContent(f"array '{key}' in {display_name} cannot be read ({exc})") from None
-            if key == LABELS:
-                labels = _check_labels(array, display_name)
-            elif key in specs:
-                arrays[key] = _check_input(array, specs[key], display_name)
-            else:
-                raise InvalidContent(
-                    f"array '{key}' in {display_name} matches no model input (inputs: {', '.join(specs)}; "
-                    f"optional '{LABELS}')"
-                )
+    return arrays
+
+
+def load_dataset(path: Path, inputs: list[TensorSpec], *, display_name: str) -> Dataset:
+    """Load and check every array against the model's inputs."""
+    specs = {spec.name: spec for spec in inputs}
+    arrays: dict[str, np.ndarray] = {}
+    labels: np.ndarray | None = None
+    for key, array in read_arrays(path, display_name=display_name).items():
+        if key == LABELS:
+            labels = _check_labels(array, display_name)
+        elif key in specs:
+            arrays[key] = _check_input(array, specs[key], display_name)
+        else:
+            raise InvalidContent(
+                f"array '{key}' in {display_name} matches no model input (inputs: {', '.join(specs)}; "
+                f"optional '{LABELS}')"
+            )
     missing = [name for name in specs if name not in arrays]
     if missing:
         raise InvalidContent(f"{display_name} has no array for input(s): {', '.join(missing)}")

@@ -38,6 +38,10 @@ class JobService:
             model = repositories.get_model(session, name=model_name)
             if model is None:
                 raise ModelNotFound(model_name)
+            if model.state != "ready":
+                raise Conflict(f"model '{model_name}' is {model.state}, not ready to compress"
+                               + (" (its conversion job is still running)" if model.state == "converting" else ""),
+                               code="model_not_ready")
             preset, parsed = _parse(recipe)
             if objective is not None and preset != AUTO:
                 raise InvalidContent("'objective' applies to the 'auto' recipe only")
@@ -60,6 +64,11 @@ class JobService:
         self._enqueue(job.id)
         log.info("queued job %s: %s on %s as %s", job.id, preset or "custom recipe", model_name, name)
         return job
+
+    @staticmethod
+    def check_recipe(recipe: Any) -> None:
+        """The checks that need no model: for a compression that starts after a PyTorch file is converted."""
+        _parse(recipe)
 
     def get(self, job_id: str) -> JobRow:
         with self._session_factory() as session:

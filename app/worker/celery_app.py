@@ -45,6 +45,7 @@ def make_worker_app(settings: Settings) -> Celery:
                 session_factory=make_session_factory(engine), store=open_store(settings),
                 max_attempts=settings.job_max_attempts, heartbeat_seconds=settings.job_heartbeat_seconds,
                 stale_seconds=settings.job_stale_seconds, threads=settings.compression_threads,
+                enqueue=lambda job_id: app.send_task(RUN_JOB, args=[job_id], queue=settings.celery_queue),
             )
         return state["runner"]
 

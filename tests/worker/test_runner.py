@@ -28,7 +28,7 @@ def world(tmp_path: Path) -> Iterator[tuple[sessionmaker[Session], ArtifactStore
     factory = make_session_factory(engine)
     store = ArtifactStore(tmp_path / "data")
     service = ModelService(session_factory=factory, store=store, catalog=Catalog(factory, 1.0),
-                           providers=["CPUExecutionProvider"])
+                           providers=["CPUExecutionProvider"], enqueue=lambda _job_id: None)
 
     def incoming(path: Path) -> IncomingFile:
         temp = store.open_temp(max_bytes=10**8, what="t")

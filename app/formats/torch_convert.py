@@ -1,0 +1,436 @@
+"""Convert a vetted PyTorch file to ONNX in the worker, then prove the ONNX computes what PyTorch computes.
+
+torch.export archives are read through `torch_archive.vet_exported_program` (no pickles, no eval of strings from
+the file) and exported with the dynamo exporter; TorchScript files are loaded by torch's C++ loader, which knows
+only TorchScript types, and exported with the TorchScript exporter after their operators are checked.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.errors import InvalidContent
+from app.formats.torch_archive import TORCH_EXPORT, TORCHSCRIPT, vet_exported_program
+from app.runtime.datatypes import V2_TO_NUMPY
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EXAMPLE_ROWS = 2  # export traces with two rows, so the batch axis is never specialised to 1
+CHECK_ROWS = 8
+# The converted model is refused when it differs from PyTorch by more than this, relative to the output's scale.
+TOLERANCE = 1e-3
+# A dynamic axis named in input_shapes without a size gets this example size (the batch axis: EXAMPLE_ROWS).
+DYNAMIC_EXAMPLE_SIZE = 8
+_SCRIPT_NAMESPACES = ("aten::", "prim::")
+_REFUSED_SCRIPT_OPS = {"aten::from_file", "aten::save", "aten::_print", "prim::PythonOp", "prim::IgnoredPythonOp",
+                       "aten::_nested_from_file"}
+
+Progress = Callable[[float, str], None]
+InputShapes = dict[str, Any]
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dims: list[int | str]  # ints: fixed sizes; strings: named dynamic axes
+    dtype: np.dtype[Any] | None = None
+
+
+@dataclass
+class Conversion:
+    max_abs_error: float
+    rows_checked: int
+    dynamic_axes: dict[str, list[int]]
+    exporter: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_abs_error": self.max_abs_error, "rows_checked": self.rows_checked,
+                "dynamic_axes": self.dynamic_axes, "exporter": self.exporter, "tolerance": TOLERANCE}
+
+
+def parse_input_shapes(raw: Any) -> InputShapes:
+    """`{input: [dims]}` or `{input: {"shape": [dims], "dtype": "INT64"}}`; a dim is a size or an axis name."""
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidContent("'input_shapes' must be a JSON object {input name: [dims]}")
+    parsed: InputShapes = {}
+    for name, value in raw.items():
+        shape, dtype = (value.get("shape"), value.get("dtype")) if isinstance(value, dict) else (value, None)
+        if not isinstance(shape, list) or not shape or not all(
+                (isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1_000_000)
+                or (isinstance(d, str) and d.isidentifier()) for d in shape):
+            raise InvalidContent(f"'input_shapes' for '{str(name)[:64]}' must be a list of positive sizes or axis "
+                                 "names (a name makes that axis dynamic), e.g. [\"batch\", 128]")
+        if dtype is not None and (not isinstance(dtype, str) or dtype.upper() not in V2_TO_NUMPY
+                                  or dtype.upper() == "BYTES"):
+            raise InvalidContent(f"'input_shapes' dtype of '{str(name)[:64]}' must be a V2 datatype such as FP32")
+        parsed[str(name)] = {"shape": shape, "dtype": dtype.upper() if dtype else None}
+    return parsed
+
+
+def convert(source: Path, kind: str, output: Path, *, label: str, samples: dict[str, np.ndarray] | None,
+            input_shapes: InputShapes | None, progress: Progress, seed: int = 0) -> Conversion:
+    import torch
+
+    torch.manual_seed(seed)
+    progress(0.05, f"loading the {kind} file")
+    with warnings.catch_warnings():
+        # torch's own deprecation notices while exporting say nothing about the user's model.
+        warnings.simplefilter("ignore")
+        if kind == TORCH_EXPORT:
+            return _convert_exported(source, output, label, samples, input_shapes, progress)
+        if kind == TORCHSCRIPT:
+            return _convert_script(source, output, label, samples, input_shapes, progress)
+    raise ValueError(f"unknown PyTorch format {kind}")
+
+
+# ---------------------------------------------------------------- torch.export
+
+
+def _load_exported(path: Path, label: str) -> tuple[Any, tuple[Any, ...] | None]:
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+    from torch.export.pt2_archive._package import PT2ArchiveReader, _load_constants, _load_state_dict
+
+    from app.formats.torch_archive import sniff
+
+    archive = sniff(path, path.name, label)
+    if archive is None or archive.kind != TORCH_EXPORT:
+        raise InvalidContent(f"{label} is not a torch.export archive")
+    vetted = vet_exported_program(path, archive.root, label)
+    try:
+        with PT2ArchiveReader(str(path)) as reader:
+            # Safe only because vetting refused pickled payloads: these read raw tensor bytes.
+            state_dict = _load_state_dict(reader, vetted.model_name)
+            constants = _load_constants(reader, vetted.model_name)
+            example = _example_from_archive(reader, vetted.model_name)
+            serialized = _dict_to_dataclass(schema.ExportedProgram, vetted.program)  # type: ignore[no-untyped-call]
+            program = ExportedProgramDeserializer(None).deserialize(
+                serialized, state_dict, constants, example if example is not None else ((), {}))
+    except InvalidContent:
+        raise
+    except Exception as exc:
+        raise InvalidContent(f"{label} could not be read as a torch.export program: {_first_line(exc)}") from None
+    return program, example
+
+
+def _example_from_archive(reader: Any, model_name: str) -> tuple[Any, ...] | None:
+    import torch
+
+    name = f"data/sample_inputs/{model_name}.pt"
+    if name not in reader.get_file_names():
+        return None
+    try:
+        example = torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True, map_location="cpu")
+    except Exception:  # an example that needs more than tensors is simply not used
+        return None
+    return example if isinstance(example, tuple) and len(example) == 2 else None
+
+
+def _convert_exported(source: Path, output: Path, label: str, samples: dict[str, np.ndarray] | None,
+                      input_shapes: InputShapes | None, progress: Progress) -> Conversion:
+    import torch
+
+    program, archived = _load_exported(source, label)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    names = list(program.graph_signature.user_inputs)
+    specs = []
+    for name in names:
+        value = placeholders[name].meta.get("val")
+        dtype = _numpy_dtype(value.dtype) if value is not None else None
+        dims: list[int | str] = [d if isinstance(d, int) else str(d) for d in value.shape] if value is not None else []
+        specs.append(InputSpec(name, dims, dtype))
+    archived_feeds = None
+    if archived is not None and not archived[1] and len(archived[0]) == len(names):
+        archived_feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, archived[0], strict=True)
+                          if isinstance(t, torch.Tensor)}
+    feeds = _example_feeds(specs, samples, input_shapes, label, fallback=archived_feeds)
+    module = program.module()
+    notes: list[str] = []
+    batch_dynamic = all(not (spec.dims and isinstance(spec.dims[0], int)) for spec in specs)
+    if not batch_dynamic:
+        progress(0.2, "re-exporting with a dynamic batch axis")
+        program, batch_dynamic = _with_dynamic_batch(program, module, specs, feeds, input_shapes)
+        if not batch_dynamic:
+            notes.append(f"the batch size is fixed at {next(iter(feeds.values())).shape[0]}: the program was "
+                         "exported with static shapes and does not re-export with a dynamic batch; export it with "
+                         "dynamic_shapes to serve any batch size")
+    progress(0.4, "exporting to ONNX")
+    try:
+        onnx_program = torch.onnx.export(program, tuple(torch.from_numpy(feeds[n]) for n in names),
+                                         dynamo=True, opset_version=OPSET, external_data=False, optimize=True,
+                                         verbose=False)
+    except Exception as exc:
+        raise InvalidContent(f"{label} could not be exported to ONNX: {_first_line(exc)}") from None
+    assert onnx_program is not None
+    _name_outputs(onnx_program.model)
+    onnx_program.save(str(output), external_data=False)
+
+    def reference(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            result = module(*(torch.from_numpy(batch[n]) for n in names))
+        return _flatten_outputs(result)
+
+    return _check(output, names, feeds, samples, specs, reference, progress, "dynamo", notes, label)
+
+
+def _with_dynamic_batch(program: Any, module: Any, specs: list[InputSpec], feeds: dict[str, np.ndarray],
+                        input_shapes: InputShapes | None) -> tuple[Any, bool]:
+    import torch
+
+    batch = torch.export.Dim("batch")
+    shapes = {spec.name: {0: batch} for spec in specs}
+    try:
+        exported = torch.export.export(module, tuple(torch.from_numpy(feeds[s.name]) for s in specs),
+                                       dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        log.info("dynamic-batch re-export failed: %s", _first_line(exc))
+        return program, False
+    return exported, True
+
+
+# ---------------------------------------------------------------- TorchScript
+
+
+def _convert_script(source: Path, output: Path, label: str, samples: dict[str, np.ndarray] | None,
+                    input_shapes: InputShapes | None, progress: Progress) -> Conversion:
+    import torch
+
+    try:
+        module = torch.jit.load(str(source), map_location="cpu")  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        raise InvalidContent(f"{label} could not be loaded as TorchScript: {_first_line(exc)}") from None
+    module.eval()
+    _vet_script(module, label)
+    arguments = module.forward.schema.arguments[1:]
+    if any(str(a.type) != "Tensor" for a in arguments):
+        raise InvalidContent(f"{label}: forward() takes {', '.join(f'{a.name}: {a.type}' for a in arguments)}; "
+                             "only tensor arguments can become ONNX inputs")
+    names = [a.name for a in arguments]
+    specs = [InputSpec(name, [], None) for name in names]
+    if samples is None and input_shapes is None:
+        raise InvalidContent(f"{label} is TorchScript, which records no input shapes: upload it with 'samples' "
+                             "(an .npz with one array per input) or 'input_shapes'")
+    feeds = _example_feeds(specs, samples, input_shapes, label, fallback=None)
+    dynamic = _named_axes(names, feeds, input_shapes)
+    output_names = _script_output_names(module)
+    progress(0.4, "exporting to ONNX")
+    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    notes: list[str] = []
+
+    def export(axes: dict[str, dict[int, str]] | None) -> None:
+        # The TorchScript exporter is deprecated for nn.Modules; for a ScriptModule it is the faithful path.
+        torch.onnx.export(module, args, str(output), dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=output_names, dynamic_axes=axes)
+
+    try:
+        export({**dynamic, **{o: {0: "batch"} for o in output_names}})
+    except Exception as exc:
+        raise InvalidContent(f"{label} could not be exported to ONNX: {_first_line(exc)}") from None
+
+    def reference(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return _flatten_outputs(module(*(torch.from_numpy(batch[n]) for n in names)))
+
+    try:
+        return _check(output, names, feeds, samples, specs, reference, progress, "torchscript", notes, label,
+                      dynamic_axes={n: sorted(axes) for n, axes in dynamic.items()})
+    except _BatchSpecialised as exc:
+        # A trace can bake the example's batch size into a reshape: serve that size only, and say so.
+        export(None)
+        notes.append(f"the batch size is fixed at {exc.rows}: the traced graph gives wrong answers at other batch "
+                     "sizes (a size was recorded as a constant); script the model or trace it with "
+                     "dynamic-shape-friendly code to serve any batch size")
+        return _check(output, names, feeds, samples, specs, reference, progress, "torchscript", notes, label,
+                      dynamic_axes={})
+
+
+def _vet_script(module: Any, label: str) -> None:
+    """Refuse TorchScript that reaches outside tensor maths (files, Python callbacks, other op libraries)."""
+    root = module.forward.inlined_graph  # held: its blocks die with it
+    pending = [root]
+    while pending:
+        graph = pending.pop()
+        for node in graph.nodes():
+            kind = node.kind()
+            if not kind.startswith(_SCRIPT_NAMESPACES) or kind in _REFUSED_SCRIPT_OPS:
+                raise InvalidContent(f"{label} calls '{kind}', which is not a standard tensor operator; it is not "
+                                     "converted", code="unsupported_operator")
+            pending.extend(node.blocks())  # blocks of If/Loop have nodes() like a graph
+
+
+def _script_output_names(module: Any) -> list[str]:
+    returns = module.forward.schema.returns
+    kind = str(returns[0].type) if returns else "Tensor"
+    if kind == "Tensor":
+        return ["output"]
+    count = kind.count("Tensor")
+    return [f"output_{i}" for i in range(count)]
+
+
+# ---------------------------------------------------------------- shared
+
+
+class _BatchSpecialised(Exception):
+    def __init__(self, rows: int) -> None:
+        super().__init__(rows)
+        self.rows = rows
+
+
+def _example_feeds(specs: list[InputSpec], samples: dict[str, np.ndarray] | None,
+                   input_shapes: InputShapes | None, label: str,
+                   fallback: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    names = [s.name for s in specs]
+    if samples is not None:
+        missing = [n for n in names if n not in samples]
+        if missing:
+            raise InvalidContent(f"the samples have no array for input(s) {', '.join(missing)} of {label}; "
+                                 f"name one array per input: {', '.join(names)}")
+        return {n: np.ascontiguousarray(samples[n][:EXAMPLE_ROWS]) for n in names}
+    if input_shapes is not None:
+        unknown = sorted(set(input_shapes) - set(names))
+        missing = [n for n in names if n not in input_shapes]
+        if unknown or missing:
+            raise InvalidContent(f"'input_shapes' must name exactly the inputs of {label}: {', '.join(names)}"
+                                 + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                                 + (f" (missing: {', '.join(missing)})" if missing else ""))
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for spec in specs:
+            declared = input_shapes[spec.name]
+            dtype = V2_TO_NUMPY[declared["dtype"]] if declared["dtype"] else (spec.dtype or np.dtype(np.float32))
+            shape = [EXAMPLE_ROWS if axis == 0 and not isinstance(d, int) else
+                     d if isinstance(d, int) else DYNAMIC_EXAMPLE_SIZE for axis, d in enumerate(declared["shape"])]
+            feeds[spec.name] = _random(rng, dtype, shape)
+        return feeds
+    if fallback is not None and set(fallback) == set(names):
+        return fallback
+    raise InvalidContent(f"{label} needs example inputs: upload it with 'samples' or 'input_shapes'")
+
+
+def _random(rng: np.random.Generator, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    # 0 and 1 are valid for any embedding table or mask; samples give realistic values.
+    return rng.integers(0, 2, shape).astype(dtype)
+
+
+def _named_axes(names: list[str], feeds: dict[str, np.ndarray],
+                input_shapes: InputShapes | None) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names if feeds[n].ndim > 0}
+    for name, declared in (input_shapes or {}).items():
+        for axis, dim in enumerate(declared["shape"]):
+            if isinstance(dim, str) and axis > 0:
+                axes.setdefault(name, {})[axis] = dim
+    return axes
+
+
+def _check(path: Path, names: list[str], feeds: dict[str, np.ndarray], samples: dict[str, np.ndarray] | None,
+           specs: list[InputSpec], reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+           progress: Progress, exporter: str, notes: list[str], label: str,
+           dynamic_axes: dict[str, list[int]] | None = None) -> Conversion:
+    """Compare ONNX with PyTorch on the example, and on a different batch size when the batch axis is dynamic."""
+    progress(0.7, "comparing the ONNX model with PyTorch")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InvalidContent(f"the ONNX model converted from {label} does not load: {_first_line(exc)}") from None
+    inputs = session.get_inputs()
+    onnx_dynamic = {i.name: [axis for axis, d in enumerate(i.shape) if not isinstance(d, int)] for i in inputs}
+    batches = [feeds]
+    if all(0 in onnx_dynamic.get(n, []) for n in names):
+        batches.append(_other_batch(feeds, samples, names))
+    worst, rows = 0.0, 0
+    for batch in batches:
+        rows_here = next(iter(batch.values())).shape[0] if batch else 0
+        try:
+            got = session.run(None, batch)
+        except Exception as exc:
+            if batch is not feeds:
+                raise _BatchSpecialised(next(iter(feeds.values())).shape[0]) from None
+            raise InvalidContent(f"the ONNX model converted from {label} fails on the example inputs: "
+                                 f"{_first_line(exc)}") from None
+        expected = reference(batch)
+        error, scale = _max_error(expected, got, label)
+        if error > TOLERANCE * max(1.0, scale):
+            if batch is not feeds:
+                raise _BatchSpecialised(next(iter(feeds.values())).shape[0])
+            raise InvalidContent(
+                f"the ONNX model converted from {label} differs from PyTorch by up to {error:.3g} (tolerance "
+                f"{TOLERANCE:g} of the output scale {scale:.3g}); it was not accepted")
+        worst, rows = max(worst, error), rows + rows_here
+    progress(0.9, "converted")
+    return Conversion(max_abs_error=float(worst), rows_checked=rows,
+                      dynamic_axes={k: v for k, v in onnx_dynamic.items() if v} if dynamic_axes is None
+                      else dynamic_axes, exporter=exporter, warnings=notes)
+
+
+def _other_batch(feeds: dict[str, np.ndarray], samples: dict[str, np.ndarray] | None,
+                 names: list[str]) -> dict[str, np.ndarray]:
+    rows = next(iter(feeds.values())).shape[0]
+    if samples is not None and all(len(samples[n]) > rows for n in names):
+        return {n: np.ascontiguousarray(samples[n][:CHECK_ROWS]) if len(samples[n]) > rows + 1
+                else np.ascontiguousarray(samples[n]) for n in names}
+    # Without more samples: the example rows repeated into a batch of another size.
+    return {n: np.ascontiguousarray(np.concatenate([feeds[n]] * 3 + [feeds[n][:1]])) for n in names}
+
+
+def _max_error(expected: list[np.ndarray], got: list[Any], label: str) -> tuple[float, float]:
+    if len(expected) != len(got):
+        raise InvalidContent(f"the ONNX model converted from {label} has {len(got)} outputs, PyTorch "
+                             f"{len(expected)}")
+    error, scale = 0.0, 0.0
+    for ref, out in zip(expected, got, strict=True):
+        out = np.asarray(out)
+        if ref.shape != out.shape:
+            raise InvalidContent(f"the ONNX model converted from {label} gives shape {list(out.shape)} where "
+                                 f"PyTorch gives {list(ref.shape)}")
+        if ref.size:
+            error = max(error, float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64)))))
+            scale = max(scale, float(np.max(np.abs(ref.astype(np.float64)))))
+    return error, scale
+
+
+def _flatten_outputs(result: Any) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return [result.detach().numpy()]
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _flatten_outputs(item)]
+    if isinstance(result, dict):
+        return [t for item in result.values() for t in _flatten_outputs(item)]
+    raise InvalidContent(f"the model returns a {type(result).__name__}; only tensors (or tuples of them) can be "
+                         "served")
+
+
+def _name_outputs(model: Any) -> None:
+    outputs = model.graph.outputs
+    for index, value in enumerate(outputs):
+        value.name = "output" if len(outputs) == 1 else f"output_{index}"
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype[Any] | None:
+    import torch
+
+    try:
+        return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    except (TypeError, RuntimeError):
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]

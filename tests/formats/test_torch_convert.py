@@ -1,0 +1,174 @@
+"""PyTorch files to ONNX: the same numbers as PyTorch, dynamic axes, and files that must never run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.errors import InvalidContent, UnsupportedFormat
+from app.formats.torch_archive import TORCH_EXPORT, TORCHSCRIPT, sniff, vet_exported_program
+from app.formats.torch_convert import convert, parse_input_shapes
+from tests import torch_files
+from tests.helpers import CNN_SAMPLES, TRANSFORMER_SAMPLES
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    yield torch_files.build(tmp_path_factory.mktemp("torch"))
+
+
+def _samples(path: Path, rows: int) -> dict[str, np.ndarray]:
+    with np.load(path) as archive:
+        return {k: archive[k][:rows] for k in archive.files if k != "labels"}
+
+
+def _convert(source: Path, tmp_path: Path, **kwargs: object) -> tuple[Path, object]:
+    output = tmp_path / "out.onnx"
+    kind = sniff(source, source.name, "the file")
+    assert kind is not None
+    result = convert(source, kind.kind, output, label="the file", progress=lambda f, s: None,
+                     **{"samples": None, "input_shapes": None, **kwargs})  # type: ignore[arg-type]
+    return output, result
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(ort.InferenceSession(str(path)).run(None, feeds)[0])
+
+
+@pytest.mark.parametrize("name", ["cnn.pt2", "cnn.pt"])
+def test_cnn_files_give_pytorch_predictions(files: dict[str, Path], tmp_path: Path, name: str) -> None:
+    feeds = {"x": _samples(CNN_SAMPLES, 64)["input"]}  # the PyTorch module calls its input x
+    onnx_path, result = _convert(files[name], tmp_path, samples=feeds)
+    got = _run(onnx_path, feeds)
+    expected = torch_files.reference(files[name], feeds)
+    assert got.shape == (64, 10)
+    assert np.max(np.abs(got - expected)) < 1e-4
+    assert result.max_abs_error < 1e-4 and result.rows_checked >= 2  # type: ignore[attr-defined]
+    assert result.dynamic_axes == {"x": [0]}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["transformer.pt2", "transformer.pt"])
+def test_transformer_files_keep_batch_and_sequence_dynamic(files: dict[str, Path], tmp_path: Path,
+                                                           name: str) -> None:
+    shapes = parse_input_shapes(torch_files.TRANSFORMER_INPUT)
+    onnx_path, result = _convert(files[name], tmp_path, input_shapes=shapes)
+    assert result.dynamic_axes == {"input_ids": [0, 1], "attention_mask": [0, 1]}  # type: ignore[attr-defined]
+    data = _samples(TRANSFORMER_SAMPLES, 5)  # 5 rows of a length the export never saw
+    got = _run(onnx_path, data)
+    expected = torch_files.reference(files[name], data)
+    assert got.shape == (5, 16) and np.max(np.abs(got - expected)) < 1e-4
+
+
+def test_a_static_export_keeps_its_batch_size_and_says_so(files: dict[str, Path], tmp_path: Path) -> None:
+    # Exported without dynamic_shapes, the program holds view(2, 512): it cannot be made dynamic afterwards.
+    onnx_path, result = _convert(files["cnn_static.pt2"], tmp_path)  # example inputs from the archive itself
+    feeds = {"x": _samples(CNN_SAMPLES, 2)["input"]}
+    got = _run(onnx_path, feeds)
+    assert np.max(np.abs(got - torch_files.reference(files["cnn_static.pt2"], feeds))) < 1e-4
+    assert result.dynamic_axes == {}  # type: ignore[attr-defined]
+    assert any("batch size is fixed at 2" in w and "dynamic_shapes" in w
+               for w in result.warnings)  # type: ignore[attr-defined]
+
+
+def test_torchscript_without_example_inputs_is_refused_with_what_to_send(files: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    with pytest.raises(InvalidContent, match="samples.*input_shapes"):
+        _convert(files["cnn.pt"], tmp_path)
+
+
+def test_samples_that_do_not_name_the_inputs_are_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InvalidContent, match="no array for input.*x"):
+        _convert(files["cnn.pt"], tmp_path, samples={"pixels": np.zeros((4, 1, 8, 8), np.float32)})
+
+
+@pytest.mark.parametrize("name", ["state_dict.pt", "module.pt"])
+def test_plain_pickles_are_refused_by_their_bytes(files: dict[str, Path], name: str) -> None:
+    with pytest.raises(UnsupportedFormat, match="pickle") as error:
+        sniff(files[name], name, "the file")
+    assert error.value.code == "pickle_refused" and "torch.export.save" in str(error.value)
+
+
+def test_the_two_formats_are_recognised_whatever_their_names(files: dict[str, Path]) -> None:
+    assert sniff(files["cnn.pt2"], "model.bin", "f") .kind == TORCH_EXPORT  # type: ignore[union-attr]
+    assert sniff(files["cnn.pt"], "model", "f").kind == TORCHSCRIPT  # type: ignore[union-attr]
+
+
+def _rewrite(source: Path, target: Path, edit: object) -> None:
+    """Copy an archive, passing its program JSON through `edit`."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            data = old.read(info)
+            if info.filename.endswith("models/model.json") or info.filename.endswith("model_weights_config.json"):
+                data = json.dumps(edit(info.filename, json.loads(data))).encode()  # type: ignore[operator]
+            new.writestr(info, data)
+
+
+def _first_node(document: dict) -> dict:  # type: ignore[type-arg]
+    return document["graph_module"]["graph"]["nodes"][0]
+
+
+@pytest.mark.parametrize("attack", ["target", "expression", "pickled_weight"])
+def test_archives_that_would_run_code_are_refused_before_torch_reads_them(
+        files: dict[str, Path], tmp_path: Path, attack: str) -> None:
+    marker = tmp_path / "pwned"
+
+    def edit(name: str, document: dict) -> dict:  # type: ignore[type-arg]
+        if attack == "target" and name.endswith("model.json"):
+            _first_node(document)["target"] = "torch.os.system"
+        if attack == "expression" and name.endswith("model.json"):
+            document["range_constraints"] = {f"__import__('pathlib').Path('{marker}').touch()": {
+                "min_val": 0, "max_val": 8}}
+        if attack == "pickled_weight" and name.endswith("weights_config.json"):
+            next(iter(document["config"].values()))["use_pickle"] = True
+        return document
+
+    evil = tmp_path / "evil.pt2"
+    _rewrite(files["cnn.pt2"], evil, edit)
+    archive = sniff(evil, "evil.pt2", "the file")
+    assert archive is not None
+    with pytest.raises((InvalidContent, UnsupportedFormat)):
+        vet_exported_program(evil, archive.root, "the file")
+    with pytest.raises((InvalidContent, UnsupportedFormat)):
+        _convert(evil, tmp_path)
+    assert not marker.exists()
+
+
+class _Planted:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_torchscript_with_a_planted_pickle_fails_to_load_and_runs_nothing(files: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(files["cnn.pt"]) as old, zipfile.ZipFile(evil, "w") as new:
+        for info in old.infolist():
+            data = pickle.dumps(_Planted(marker)) if info.filename.endswith("/data.pkl") else old.read(info)
+            new.writestr(info, data)
+    with pytest.raises(InvalidContent, match="could not be loaded as TorchScript"):
+        _convert(evil, tmp_path, samples={"x": np.zeros((4, 1, 8, 8), np.float32)})
+    assert not marker.exists()
+
+
+def test_torchscript_that_reads_files_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    class Reader(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.from_file("/etc/hostname", size=1, dtype=torch.uint8).float()
+
+    path = tmp_path / "reader.pt"
+    torch.jit.save(torch.jit.script(Reader()), str(path))
+    with pytest.raises(InvalidContent, match="aten::from_file"):
+        _convert(path, tmp_path, samples={"x": np.zeros((2, 1), np.float32)})
