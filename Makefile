@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
 PRELOAD ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
-.PHONY: install run test soak bench bench-compression bench-jobs models clean
+.PHONY: install run test soak bench bench-compression bench-jobs models browser clean
 
 install: $(STAMP)
 
@@ -26,7 +26,14 @@ models: $(STAMP)
 run: install models
 	SLIMSERVE_PRELOAD_MODELS='$(or $(SLIMSERVE_PRELOAD_MODELS),$(PRELOAD))' $(VENV)/bin/slimserve serve
 
-test: install models
+# The dashboard test drives Debian's chromium (never a downloaded browser); installed here when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+		|| (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the dashboard browser test will be skipped"
+
+test: install models browser
 	$(PY) -m pytest
 
 # The full bounded load test: 20,000 requests at concurrency 64 across two variants during a compression job.

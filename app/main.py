@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import multiprocess
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api import health, jobs, models, predict, v2
+from app.api import dashboard, health, jobs, models, predict, v2
 from app.api.deps import Authenticator, Services
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPath
@@ -25,7 +25,9 @@ from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
+from app.services.latency import SNAPSHOT_SECONDS, LatencyWindow
 from app.services.models import IncomingFile, ModelService
+from app.services.periodic import Periodic
 from app.services.routing import RoutingService, ShadowTraffic
 from app.settings import PreloadModel, Settings
 from app.storage import repositories
@@ -73,9 +75,11 @@ def create_app(settings: Settings | None = None) -> FastPath:
             max_queue=settings.max_queue,
             limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
         )
+        latency = LatencyWindow(metrics)
+        latency_snapshots = Periodic("latency snapshots", SNAPSHOT_SECONDS, latency.snapshot, final_run=False)
         app.state.services = Services(
             settings=settings, models=model_service, inference=inference, store=store, metrics=metrics,
-            auth=Authenticator(settings.api_keys),
+            auth=Authenticator(settings.api_keys), latency=latency,
             jobs=JobService(session_factory=session_factory, enqueue=queue.enqueue), capture=capture,
             routing=RoutingService(session_factory=session_factory, catalog=catalog),
         )
@@ -84,11 +88,13 @@ def create_app(settings: Settings | None = None) -> FastPath:
         await queue.start()
         await capture.start()
         await shadows.start()
+        await latency_snapshots.start()
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            await latency_snapshots.stop()
             await shadows.stop()
             await capture.stop()
             await queue.stop()
@@ -110,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     return FastPath(app)
 
 

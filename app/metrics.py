@@ -146,6 +146,26 @@ class Metrics:
         self._jobs = JobsCollector(stats)
         self.registry.register(self._jobs)
 
+    def request_buckets(self) -> dict[tuple[str, str], list[float]]:
+        """Cumulative request-latency bucket counts per (model, variant), all protocols and processes summed;
+        the last entry is +Inf (the request count)."""
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        totals: dict[tuple[str, str], list[float]] = {}
+        for family in registry.collect():
+            if family.name != "slimserve_request_duration_seconds":
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_bucket"):
+                    continue
+                key = (sample.labels["model"], sample.labels["variant"])
+                bound = sample.labels["le"]
+                index = len(LATENCY_BUCKETS) if bound == "+Inf" else LATENCY_BUCKETS.index(float(bound))
+                totals.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 1))[index] += sample.value
+        return totals
+
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several server processes: each writes its own files, the scrape sums them.

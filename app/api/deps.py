@@ -17,6 +17,7 @@ from app.metrics import Metrics
 from app.services.capture import TrafficCapture
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
+from app.services.latency import LatencyWindow
 from app.services.models import ModelService
 from app.services.routing import RoutingService
 from app.settings import ApiKey, Settings
@@ -69,6 +70,7 @@ class Services:
     store: ArtifactStore
     metrics: Metrics
     auth: Authenticator
+    latency: LatencyWindow
 
 
 def get_services(request: Request) -> Services:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.api.deps import Admin, Reader, ServicesDep
@@ -17,6 +17,7 @@ from app.api.schemas import (
     CaptureUpdate,
     DatasetPublic,
     DatasetsPublic,
+    LatencyPublic,
     ModelPublic,
     ModelsPublic,
     RoutingPublic,
@@ -147,6 +148,17 @@ async def get_model(name: str, services: ServicesDep, _key: Reader) -> ModelPubl
     """One model, with live shadow statistics."""
     row = await asyncio.to_thread(services.models.get, name)
     return model_public(row, await asyncio.to_thread(services.routing.shadow_stats, name))
+
+
+@router.get("/models/{name}/latency", response_model=LatencyPublic)
+async def get_latency(name: str, services: ServicesDep, _key: Reader,
+                      minutes: Annotated[float, Query(gt=0, le=30, description="Window length")] = 5.0,
+                      ) -> LatencyPublic:
+    """Per-variant request latency p50/p99 over the last minutes, from this server's own histograms (all its
+    processes): what Prometheus' histogram_quantile over the same window gives."""
+    await asyncio.to_thread(services.models.get, name)
+    return LatencyPublic(model=name, window_seconds=minutes * 60,
+                         variants=services.latency.summary(name, minutes * 60))
 
 
 @router.delete("/models/{name}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)

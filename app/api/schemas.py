@@ -72,6 +72,15 @@ class ModelPublic(BaseModel):
                                           "answering variant, mean latency of each side (all processes)")
 
 
+class LatencyPublic(BaseModel):
+    model: str = Field(examples=["digits"])
+    window_seconds: float = Field(description="Requests finished in about this many last seconds (fewer right "
+                                              "after a start)", examples=[300.0])
+    variants: dict[str, dict[str, float | int | None]] = Field(
+        description="Per variant: requests, p50_ms, p99_ms (null without requests)",
+        examples=[{"original": {"requests": 1200, "p50_ms": 0.41, "p99_ms": 1.9}}])
+
+
 class ModelsPublic(BaseModel):
     models: list[ModelPublic]
 
