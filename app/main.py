@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import multiprocess
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    _document_errors(app)
     app.include_router(v2.router)
     app.include_router(predict.router)
     app.include_router(models.router)
@@ -118,6 +120,28 @@ def create_app(settings: Settings | None = None) -> FastPath:
     app.include_router(health.router)
     app.include_router(dashboard.router)
     return FastPath(app)
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Our 422s (like every error) are {"error", "code"}, not FastAPI's {"detail": [...]}: say so in /docs."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemas = schema.get("components", {}).get("schemas", {})
+            schemas.pop("ValidationError", None)
+            schemas["HTTPValidationError"] = {
+                "title": "Error", "type": "object", "required": ["error", "code"],
+                "properties": {
+                    "error": {"type": "string", "description": "What was wrong, naming the field or input",
+                              "examples": ["body.recipe: Field required"]},
+                    "code": {"type": "string", "description": "A stable machine-readable reason",
+                             "examples": ["invalid_request"]}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _preload(service: ModelService, store: ArtifactStore, name: str, preload: PreloadModel) -> None:

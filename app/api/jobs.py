@@ -35,27 +35,29 @@ class CompressionCreate(BaseModel):
 
 
 class JobPublic(BaseModel):
-    id: str
-    model: str
-    recipe: str | dict[str, Any]
-    state: str = Field(description="queued | running | succeeded | failed | cancelled")
-    progress: float = Field(description="0..1")
-    stage: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    variant: str | None
+    id: str = Field(description="Job id (UUID)", examples=["5f0c8a3e-2b7d-4c1e-9a51-0d6f3f1c2b9a"])
+    model: str = Field(description="The model it works on", examples=["digits"])
+    recipe: str | dict[str, Any] = Field(description="The preset name, 'convert' for the conversion of a PyTorch "
+                                                     "upload, or the custom recipe", examples=["int8-static"])
+    state: str = Field(description="queued | running | succeeded | failed | cancelled", examples=["running"])
+    progress: float = Field(description="0..1", examples=[0.42])
+    stage: str | None = Field(description="What it is doing now, in words", examples=["calibrating"])
+    created_at: datetime = Field(description="When it was asked for (UTC)")
+    started_at: datetime | None = Field(description="When its last attempt started")
+    finished_at: datetime | None = Field(description="When it ended")
+    error: str | None = Field(description="Why it failed, in words", examples=[None])
+    variant: str | None = Field(description="The variant it publishes ('original' for a conversion)",
+                                examples=["int8-static"])
     candidates: list[dict[str, Any]] | None = Field(description="auto: every candidate's report")
     report: dict[str, Any] | None = Field(description="The measured report (also kept when a budget was missed)")
-    attempts: int
-    promote: bool
-    dataset: str | None
-    cancel_requested: bool
+    attempts: int = Field(description="Attempts so far (a lost worker's job is tried again)", examples=[1])
+    promote: bool = Field(description="Make the result the default variant if within budget")
+    dataset: str | None = Field(description="Id of the dataset it measures and calibrates on")
+    cancel_requested: bool = Field(description="A cancel was asked for; a running job stops within seconds")
 
 
 class JobsPublic(BaseModel):
-    jobs: list[JobPublic]
+    jobs: list[JobPublic] = Field(description="Newest first")
 
 
 def job_public(row: JobRow) -> JobPublic:

@@ -20,24 +20,26 @@ class VariantPublic(BaseModel):
     name: str = Field(examples=["original"])
     recipe: dict[str, Any] | None = Field(description="The recipe that produced it; null for the original")
     parent: str | None = Field(description="The variant it was made from")
-    sha256: str
-    size_bytes: int
-    created_at: datetime
+    sha256: str = Field(description="sha256 of its ONNX file")
+    size_bytes: int = Field(description="Size of its ONNX file", examples=[21640])
+    created_at: datetime = Field(description="When it was published (UTC)")
     report: dict[str, Any] | None = Field(description="Measured size, latency and fidelity against the original")
 
 
 class DatasetPublic(BaseModel):
-    id: str
+    id: str = Field(description="Dataset id (UUID), or use its name", examples=["0b6f3c2e-8d1a-4f7e-a3c5-9e2d1b7a6c40"])
     name: str = Field(examples=["samples"])
-    samples: int = Field(description="Number of samples (first dimension of every array)")
-    has_labels: bool
-    created_at: datetime
+    samples: int = Field(description="Number of samples (first dimension of every array)", examples=[450])
+    has_labels: bool = Field(description="It holds a `labels` array, so accuracy can be measured")
+    created_at: datetime = Field(description="When it was uploaded (UTC)")
 
 
 class RoutingPublic(BaseModel):
     default: str = Field(examples=["original"])
-    canary: dict[str, Any] | None = None
-    shadow: dict[str, Any] | None = None
+    canary: dict[str, Any] | None = Field(default=None, description="{variant, percent}: a share of unversioned "
+                                          "requests answered by another variant", examples=[None])
+    shadow: dict[str, Any] | None = Field(default=None, description="{variant, percent}: a share of requests also "
+                                          "run on a candidate after the answer", examples=[None])
 
 
 class ModelPublic(BaseModel):
@@ -46,19 +48,19 @@ class ModelPublic(BaseModel):
                        examples=["ready"])
     error: str | None = Field(default=None, description="Why the model failed (its conversion), in words",
                               examples=[None])
-    warnings: list[str]
+    warnings: list[str] = Field(description="What the checks noticed without refusing the model", examples=[[]])
     format: str = Field(description="What was uploaded: onnx | torch.export | torchscript", examples=["onnx"])
     sha256: str = Field(description="sha256 of the uploaded file (a converted model's ONNX is its original "
                                     "variant)")
     size_bytes: int = Field(description="Size of the uploaded file")
-    created_at: datetime
-    inputs: list[TensorPublic]
-    outputs: list[TensorPublic]
+    created_at: datetime = Field(description="When it was uploaded (UTC)")
+    inputs: list[TensorPublic] = Field(description="Model inputs (empty while converting)")
+    outputs: list[TensorPublic] = Field(description="Model outputs (empty while converting)")
     opset: int | None = Field(description="Version of the default ONNX operator set")
     parameters: int | None = Field(description="Number of weights (elements of all initializers)")
-    variants: list[VariantPublic]
-    routing: RoutingPublic
-    datasets: list[DatasetPublic]
+    variants: list[VariantPublic] = Field(description="'original' first, then compressed variants")
+    routing: RoutingPublic = Field(description="Which variant answers unversioned requests")
+    datasets: list[DatasetPublic] = Field(description="Datasets for calibration and measurement")
     capture: dict[str, Any] | None = Field(
         default=None, description="Traffic capture: reservoir size and rows seen; null when off")
     conversion: dict[str, Any] | None = Field(
@@ -82,15 +84,15 @@ class LatencyPublic(BaseModel):
 
 
 class ModelsPublic(BaseModel):
-    models: list[ModelPublic]
+    models: list[ModelPublic] = Field(description="Every model, oldest first")
 
 
 class DatasetsPublic(BaseModel):
-    datasets: list[DatasetPublic]
+    datasets: list[DatasetPublic] = Field(description="The model's datasets")
 
 
 class VariantsPublic(BaseModel):
-    variants: list[VariantPublic]
+    variants: list[VariantPublic] = Field(description="'original' first")
 
 
 def variant_public(row: VariantRow) -> VariantPublic:

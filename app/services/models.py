@@ -131,8 +131,9 @@ class ModelService:
             raise InvalidContent(f"{label} is TorchScript, which records no input shapes: send 'samples' (an .npz "
                                  "with one array per input) or 'input_shapes' (JSON {input: [dims]})",
                                  code="example_inputs_required")
-        conversion: dict[str, Any] = {"source_format": archive.kind, "filename": label,
-                                      "input_shapes": shapes, "state": "queued"}
+        conversion: dict[str, Any] = {
+            "source_format": archive.kind, "filename": label.strip("'") if label.startswith("'") else None,
+            "input_shapes": shapes, "state": "queued"}
         suffix = torch_archive.SUFFIXES[archive.kind]
         stored = [(model.temp.sha256, suffix)]
         if samples is not None:

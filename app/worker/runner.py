@@ -169,7 +169,8 @@ class JobRunner:
             source = self._pin(self._store.local(model.sha256, SUFFIXES[model.format]), pinned)
             samples_sha = conversion.get("samples_sha256")
             samples_path = self._pin(self._store.local(samples_sha, DATASET_SUFFIX), pinned) if samples_sha else None
-            kind, label = model.format, conversion.get("filename") or "the model file"
+            kind = model.format
+            label = f"'{conversion['filename']}'" if conversion.get("filename") else "the model file"
         samples = dataset_format.read_arrays(samples_path, display_name="the samples") if samples_path else None
         result = convert(source, kind, output, label=label, samples=samples,
                          input_shapes=conversion.get("input_shapes"), progress=heartbeat.report)
