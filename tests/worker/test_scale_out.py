@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -105,3 +106,27 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("condition not met in time")
+
+
+def test_celery_worker_converts_a_pytorch_upload_then_runs_the_compression_it_asked_for(
+    server_factory: Callable[..., Server], workers: Callable[..., subprocess.Popen[bytes]], scaled_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    from tests import torch_files
+
+    files = torch_files.build(tmp_path)
+    api_server = server_factory(tmp_path / "shared", **scaled_env)
+    workers(scaled_env)
+    with api_server.client() as api, open(files["cnn.pt"], "rb") as model:
+        response = api.post("/models", files={"file": ("cnn.pt", model)}, data={
+            "name": "cnn", "input_shapes": json.dumps(torch_files.CNN_INPUT), "compress": "int8-dynamic"})
+        assert response.status_code == 201 and response.json()["state"] == "converting", response.text
+        conversion = next(j for j in api.get("/jobs").json()["jobs"] if j["recipe"] == "convert")
+        assert wait_for_job(api, conversion["id"])["state"] == "succeeded"
+        # The worker itself published the compression job to the broker once the ONNX existed.
+        wait_until(lambda: any(j["recipe"] == "int8-dynamic" for j in api.get("/jobs").json()["jobs"]), timeout=30)
+        compression = next(j for j in api.get("/jobs").json()["jobs"] if j["recipe"] == "int8-dynamic")
+        assert wait_for_job(api, compression["id"])["state"] == "succeeded"
+        model_state = api.get("/models/cnn").json()
+        assert model_state["state"] == "ready" and model_state["conversion"]["max_abs_error"] < 1e-4
+        assert [v["name"] for v in model_state["variants"]] == ["original", "int8-dynamic"]
