@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     """Celery queue name (one per deployment sharing a broker)."""
     celery_visibility_timeout: int = Field(default=3600, ge=10)
     """Seconds before Redis re-delivers a job whose worker vanished without a word."""
-    embedded_workers: int = Field(default=1, ge=1, le=64)
-    """Compression jobs run at once by one server in embedded mode."""
+    embedded_workers: int = Field(default=1, ge=0, le=64)
+    """Compression jobs run at once by one server in embedded mode (0: this replica runs none; others sharing
+    its database do)."""
     worker_nice: int = Field(default=10, ge=0, le=19)
     """CPU niceness added to compression processes, so predictions keep their latency."""
     job_max_attempts: int = Field(default=3, ge=1, le=20)

@@ -91,3 +91,11 @@ def broker() -> Iterator[tuple[str, str]]:
     for key in connection.scan_iter(f"*{queue}*"):
         connection.delete(key)
     connection.close()
+
+
+@pytest.fixture(scope="session")
+def torch_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The example networks saved as users save them (.pt2, TorchScript, and pickles to refuse); built once."""
+    from tests import torch_files
+
+    return torch_files.build(tmp_path_factory.mktemp("torch"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,9 @@ from tests import torch_files
 from tests.helpers import CNN_SAMPLES, TRANSFORMER_SAMPLES
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    yield torch_files.build(tmp_path_factory.mktemp("torch"))
+@pytest.fixture
+def files(torch_model_files: dict[str, Path]) -> dict[str, Path]:
+    return torch_model_files
 
 
 def _samples(path: Path, rows: int) -> dict[str, np.ndarray]:

@@ -110,11 +110,11 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> None:
 
 def test_celery_worker_converts_a_pytorch_upload_then_runs_the_compression_it_asked_for(
     server_factory: Callable[..., Server], workers: Callable[..., subprocess.Popen[bytes]], scaled_env: dict[str, str],
-    tmp_path: Path,
+    tmp_path: Path, torch_model_files: dict[str, Path],
 ) -> None:
     from tests import torch_files
 
-    files = torch_files.build(tmp_path)
+    files = torch_model_files
     api_server = server_factory(tmp_path / "shared", **scaled_env)
     workers(scaled_env)
     with api_server.client() as api, open(files["cnn.pt"], "rb") as model:

@@ -49,7 +49,8 @@ def test_two_nodes_share_artifacts_through_s3(
     env = {"SLIMSERVE_DATABASE_URL": postgres_url, "SLIMSERVE_STORAGE_URL": "s3://models-bucket/slimserve",
            "SLIMSERVE_STORAGE_OPTIONS": json.dumps(options)}
     node_a = server_factory(tmp_path / "node-a", **env)
-    node_b = server_factory(tmp_path / "node-b", **env)
+    # Node B runs no jobs (both schedulers see the shared database), so its disk only ever gets what it serves.
+    node_b = server_factory(tmp_path / "node-b", SLIMSERVE_EMBEDDED_WORKERS="0", **env)
     with node_a.client() as a, open(MLP, "rb") as model, open(MLP_SAMPLES, "rb") as samples:
         created = a.post("/models", data={"name": "mlp"},
                          files={"file": ("m.onnx", model), "samples": ("s.npz", samples)})
