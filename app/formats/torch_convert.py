@@ -181,15 +181,22 @@ def _convert_exported(source: Path, output: Path, label: str, samples: dict[str,
             result = module(*(torch.from_numpy(batch[n]) for n in names))
         return _flatten_outputs(result)
 
-    return _check(output, names, feeds, samples, specs, reference, progress, "dynamo", notes, label)
+    return _check(output, names, feeds, samples, reference, progress, "dynamo", notes, label)
 
 
 def _with_dynamic_batch(program: Any, module: Any, specs: list[InputSpec], feeds: dict[str, np.ndarray],
                         input_shapes: InputShapes | None) -> tuple[Any, bool]:
     import torch
 
-    batch = torch.export.Dim("batch")
-    shapes = {spec.name: {0: batch} for spec in specs}
+    dims: dict[str, Any] = {"batch": torch.export.Dim("batch")}
+    shapes: dict[str, dict[int, Any]] = {}
+    for spec in specs:
+        axes = {0: dims["batch"]}
+        declared = (input_shapes or {}).get(spec.name, {}).get("shape", [])
+        for axis, dim in enumerate(declared):
+            if axis > 0 and isinstance(dim, str):
+                axes[axis] = dims.setdefault(dim, torch.export.Dim(dim))  # one Dim per name: shared axes
+        shapes[spec.name] = axes
     try:
         exported = torch.export.export(module, tuple(torch.from_numpy(feeds[s.name]) for s in specs),
                                        dynamic_shapes=shapes, strict=False)
@@ -243,15 +250,15 @@ def _convert_script(source: Path, output: Path, label: str, samples: dict[str, n
             return _flatten_outputs(module(*(torch.from_numpy(batch[n]) for n in names)))
 
     try:
-        return _check(output, names, feeds, samples, specs, reference, progress, "torchscript", notes, label,
-                      dynamic_axes={n: sorted(axes) for n, axes in dynamic.items()})
+        return _check(output, names, feeds, samples, reference, progress, "torchscript", notes, label,
+                      dynamic_axes={n: sorted(axes) for n, axes in dynamic.items()}, can_fix_batch=True)
     except _BatchSpecialised as exc:
         # A trace can bake the example's batch size into a reshape: serve that size only, and say so.
         export(None)
         notes.append(f"the batch size is fixed at {exc.rows}: the traced graph gives wrong answers at other batch "
                      "sizes (a size was recorded as a constant); script the model or trace it with "
                      "dynamic-shape-friendly code to serve any batch size")
-        return _check(output, names, feeds, samples, specs, reference, progress, "torchscript", notes, label,
+        return _check(output, names, feeds, samples, reference, progress, "torchscript", notes, label,
                       dynamic_axes={})
 
 
@@ -338,10 +345,12 @@ def _named_axes(names: list[str], feeds: dict[str, np.ndarray],
 
 
 def _check(path: Path, names: list[str], feeds: dict[str, np.ndarray], samples: dict[str, np.ndarray] | None,
-           specs: list[InputSpec], reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+           reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
            progress: Progress, exporter: str, notes: list[str], label: str,
-           dynamic_axes: dict[str, list[int]] | None = None) -> Conversion:
-    """Compare ONNX with PyTorch on the example, and on a different batch size when the batch axis is dynamic."""
+           dynamic_axes: dict[str, list[int]] | None = None, can_fix_batch: bool = False) -> Conversion:
+    """Compare ONNX with PyTorch on the example, and on a different batch size when the batch axis is dynamic.
+
+    With `can_fix_batch`, a model right only at the example's batch size raises _BatchSpecialised."""
     progress(0.7, "comparing the ONNX model with PyTorch")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -356,17 +365,19 @@ def _check(path: Path, names: list[str], feeds: dict[str, np.ndarray], samples: 
     for batch in batches:
         rows_here = next(iter(batch.values())).shape[0] if batch else 0
         try:
-            got = session.run(None, batch)
-        except Exception as exc:
-            if batch is not feeds:
-                raise _BatchSpecialised(next(iter(feeds.values())).shape[0]) from None
-            raise InvalidContent(f"the ONNX model converted from {label} fails on the example inputs: "
-                                 f"{_first_line(exc)}") from None
-        expected = reference(batch)
-        error, scale = _max_error(expected, got, label)
+            error, scale = _compare(session, batch, reference, label)
+        except (InvalidContent, RuntimeError) as exc:
+            if batch is feeds:
+                raise InvalidContent(f"the ONNX model converted from {label} fails on the example inputs: "
+                                     f"{_first_line(exc)}") from None
+            error, scale = float("inf"), 0.0
         if error > TOLERANCE * max(1.0, scale):
             if batch is not feeds:
-                raise _BatchSpecialised(next(iter(feeds.values())).shape[0])
+                example_rows = next(iter(feeds.values())).shape[0]
+                if can_fix_batch:
+                    raise _BatchSpecialised(example_rows)
+                raise InvalidContent(f"the ONNX model converted from {label} is right at batch size {example_rows} "
+                                     f"but not at {rows_here}; it was not accepted")
             raise InvalidContent(
                 f"the ONNX model converted from {label} differs from PyTorch by up to {error:.3g} (tolerance "
                 f"{TOLERANCE:g} of the output scale {scale:.3g}); it was not accepted")
@@ -375,6 +386,15 @@ def _check(path: Path, names: list[str], feeds: dict[str, np.ndarray], samples: 
     return Conversion(max_abs_error=float(worst), rows_checked=rows,
                       dynamic_axes={k: v for k, v in onnx_dynamic.items() if v} if dynamic_axes is None
                       else dynamic_axes, exporter=exporter, warnings=notes)
+
+
+def _compare(session: ort.InferenceSession, batch: dict[str, np.ndarray],
+             reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]], label: str) -> tuple[float, float]:
+    try:
+        got = session.run(None, batch)
+    except Exception as exc:  # onnxruntime's errors share no base class
+        raise InvalidContent(_first_line(exc)) from None
+    return _max_error(reference(batch), got, label)
 
 
 def _other_batch(feeds: dict[str, np.ndarray], samples: dict[str, np.ndarray] | None,

@@ -171,3 +171,30 @@ def test_torchscript_that_reads_files_is_refused(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(Reader()), str(path))
     with pytest.raises(InvalidContent, match="aten::from_file"):
         _convert(path, tmp_path, samples={"x": np.zeros((2, 1), np.float32)})
+
+
+def test_a_trace_that_baked_its_batch_size_is_served_at_that_size_with_a_warning(tmp_path: Path) -> None:
+    import warnings
+
+    import torch
+
+    class Baked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.reshape(int(x.shape[0]), 8))  # int() freezes the traced batch size
+
+    path = tmp_path / "baked.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns about exactly this
+        torch.jit.save(torch.jit.trace(Baked().eval(), torch.randn(2, 2, 4)), str(path))
+    samples = {"x": np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)}
+    onnx_path, result = _convert(path, tmp_path, samples=samples)
+    assert result.dynamic_axes == {}  # type: ignore[attr-defined]
+    assert any("batch size is fixed at 2" in w for w in result.warnings)  # type: ignore[attr-defined]
+    session = ort.InferenceSession(str(onnx_path))
+    assert session.get_inputs()[0].shape == [2, 2, 4]
+    feeds = {"x": samples["x"][:2]}
+    assert np.max(np.abs(session.run(None, feeds)[0] - torch_files.reference(path, feeds))) < 1e-5
