@@ -71,6 +71,13 @@ def test_dashboard_uploads_compresses_and_charts(server_factory: Callable[..., S
         expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=int8-dynamic]")).to_have_count(1)
         expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=original]")).to_have_count(1)
 
+    row.get_by_role("button", name="make default").click()
+    expect(page.locator("#message")).to_have_text("digits: int8-dynamic now answers unversioned requests")
+    expect(page.get_by_test_id("models")).to_contain_text("routing: default int8-dynamic")
+    assert httpx.get(f"{url}/models/digits").json()["routing"]["default"] == "int8-dynamic"
+    variants.locator("tr[data-variant=original]").get_by_role("button", name="make default").click()
+    expect(page.get_by_test_id("models")).to_contain_text("routing: default original")
+
     # Traffic shows up as per-variant latency from the server's own histograms.
     with np.load(MLP_SAMPLES) as archive:
         rows = archive["input"][:4].tolist()
