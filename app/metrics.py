@@ -149,12 +149,10 @@ class Metrics:
     def request_buckets(self) -> dict[tuple[str, str], list[float]]:
         """Cumulative request-latency bucket counts per (model, variant), all protocols and processes summed;
         the last entry is +Inf (the request count)."""
-        registry = self.registry
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        # Only the one histogram: collecting the whole registry would also run the jobs collector's query.
+        families = _process_files_registry().collect() if _multiprocess() else self.request_duration.collect()
         totals: dict[tuple[str, str], list[float]] = {}
-        for family in registry.collect():
+        for family in families:
             if family.name != "slimserve_request_duration_seconds":
                 continue
             for sample in family.samples:
@@ -167,14 +165,23 @@ class Metrics:
         return totals
 
     def render(self) -> tuple[bytes, str]:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            # Several server processes: each writes its own files, the scrape sums them.
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if _multiprocess():
+            registry = _process_files_registry()
             if self._jobs is not None:
                 registry.register(self._jobs)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def _process_files_registry() -> CollectorRegistry:
+    """Several server processes: each writes its own files, and reading them sums them."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def _label_sets(metric: Any) -> list[tuple[str, ...]]:

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.formats.torch_archive import sniff  # noqa: E402
-from app.formats.torch_convert import convert, parse_input_shapes  # noqa: E402
+from app.formats.torch_convert import convert  # noqa: E402
+from app.formats.torch_inputs import parse_input_shapes  # noqa: E402
 from tests import torch_files  # noqa: E402
 
 START, END = "<!-- conversion:start -->", "<!-- conversion:end -->"

@@ -49,10 +49,15 @@ def read_arrays(path: Path, *, display_name: str) -> dict[str, np.ndarray]:
 
 def load_dataset(path: Path, inputs: list[TensorSpec], *, display_name: str) -> Dataset:
     """Load and check every array against the model's inputs."""
+    return check_dataset(read_arrays(path, display_name=display_name), inputs, display_name=display_name)
+
+
+def check_dataset(found: dict[str, np.ndarray], inputs: list[TensorSpec], *, display_name: str) -> Dataset:
+    """Check arrays already read (see read_arrays) against the model's inputs."""
     specs = {spec.name: spec for spec in inputs}
     arrays: dict[str, np.ndarray] = {}
     labels: np.ndarray | None = None
-    for key, array in read_arrays(path, display_name=display_name).items():
+    for key, array in found.items():
         if key == LABELS:
             labels = _check_labels(array, display_name)
         elif key in specs:

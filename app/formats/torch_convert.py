@@ -20,30 +20,19 @@ import onnxruntime as ort
 
 from app.errors import InvalidContent
 from app.formats.torch_archive import TORCH_EXPORT, TORCHSCRIPT, vet_exported_program
-from app.runtime.datatypes import V2_TO_NUMPY
+from app.formats.torch_inputs import InputShapes, InputSpec, example_feeds, named_axes
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EXAMPLE_ROWS = 2  # export traces with two rows, so the batch axis is never specialised to 1
 CHECK_ROWS = 8
 # The converted model is refused when it differs from PyTorch by more than this, relative to the output's scale.
 TOLERANCE = 1e-3
-# A dynamic axis named in input_shapes without a size gets this example size (the batch axis: EXAMPLE_ROWS).
-DYNAMIC_EXAMPLE_SIZE = 8
 _SCRIPT_NAMESPACES = ("aten::", "prim::")
 _REFUSED_SCRIPT_OPS = {"aten::from_file", "aten::save", "aten::_print", "prim::PythonOp", "prim::IgnoredPythonOp",
                        "aten::_nested_from_file"}
 
 Progress = Callable[[float, str], None]
-InputShapes = dict[str, Any]
-
-
-@dataclass
-class InputSpec:
-    name: str
-    dims: list[int | str]  # ints: fixed sizes; strings: named dynamic axes
-    dtype: np.dtype[Any] | None = None
 
 
 @dataclass
@@ -57,25 +46,6 @@ class Conversion:
     def to_json(self) -> dict[str, Any]:
         return {"max_abs_error": self.max_abs_error, "rows_checked": self.rows_checked,
                 "dynamic_axes": self.dynamic_axes, "exporter": self.exporter, "tolerance": TOLERANCE}
-
-
-def parse_input_shapes(raw: Any) -> InputShapes:
-    """`{input: [dims]}` or `{input: {"shape": [dims], "dtype": "INT64"}}`; a dim is a size or an axis name."""
-    if not isinstance(raw, dict) or not raw:
-        raise InvalidContent("'input_shapes' must be a JSON object {input name: [dims]}")
-    parsed: InputShapes = {}
-    for name, value in raw.items():
-        shape, dtype = (value.get("shape"), value.get("dtype")) if isinstance(value, dict) else (value, None)
-        if not isinstance(shape, list) or not shape or not all(
-                (isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1_000_000)
-                or (isinstance(d, str) and d.isidentifier()) for d in shape):
-            raise InvalidContent(f"'input_shapes' for '{str(name)[:64]}' must be a list of positive sizes or axis "
-                                 "names (a name makes that axis dynamic), e.g. [\"batch\", 128]")
-        if dtype is not None and (not isinstance(dtype, str) or dtype.upper() not in V2_TO_NUMPY
-                                  or dtype.upper() == "BYTES"):
-            raise InvalidContent(f"'input_shapes' dtype of '{str(name)[:64]}' must be a V2 datatype such as FP32")
-        parsed[str(name)] = {"shape": shape, "dtype": dtype.upper() if dtype else None}
-    return parsed
 
 
 def convert(source: Path, kind: str, output: Path, *, label: str, samples: dict[str, np.ndarray] | None,
@@ -154,7 +124,7 @@ def _convert_exported(source: Path, output: Path, label: str, samples: dict[str,
     if archived is not None and not archived[1] and len(archived[0]) == len(names):
         archived_feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, archived[0], strict=True)
                           if isinstance(t, torch.Tensor)}
-    feeds = _example_feeds(specs, samples, input_shapes, label, fallback=archived_feeds)
+    feeds = example_feeds(specs, samples, input_shapes, label, fallback=archived_feeds)
     module = program.module()
     notes: list[str] = []
     batch_dynamic = all(not (spec.dims and isinstance(spec.dims[0], int)) for spec in specs)
@@ -228,8 +198,8 @@ def _convert_script(source: Path, output: Path, label: str, samples: dict[str, n
     if samples is None and input_shapes is None:
         raise InvalidContent(f"{label} is TorchScript, which records no input shapes: upload it with 'samples' "
                              "(an .npz with one array per input) or 'input_shapes'")
-    feeds = _example_feeds(specs, samples, input_shapes, label, fallback=None)
-    dynamic = _named_axes(names, feeds, input_shapes)
+    feeds = example_feeds(specs, samples, input_shapes, label, fallback=None)
+    dynamic = named_axes(names, feeds, input_shapes)
     output_names = _script_output_names(module)
     progress(0.4, "exporting to ONNX")
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
@@ -292,56 +262,6 @@ class _BatchSpecialised(Exception):
     def __init__(self, rows: int) -> None:
         super().__init__(rows)
         self.rows = rows
-
-
-def _example_feeds(specs: list[InputSpec], samples: dict[str, np.ndarray] | None,
-                   input_shapes: InputShapes | None, label: str,
-                   fallback: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    names = [s.name for s in specs]
-    if samples is not None:
-        missing = [n for n in names if n not in samples]
-        if missing:
-            raise InvalidContent(f"the samples have no array for input(s) {', '.join(missing)} of {label}; "
-                                 f"name one array per input: {', '.join(names)}")
-        return {n: np.ascontiguousarray(samples[n][:EXAMPLE_ROWS]) for n in names}
-    if input_shapes is not None:
-        unknown = sorted(set(input_shapes) - set(names))
-        missing = [n for n in names if n not in input_shapes]
-        if unknown or missing:
-            raise InvalidContent(f"'input_shapes' must name exactly the inputs of {label}: {', '.join(names)}"
-                                 + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-                                 + (f" (missing: {', '.join(missing)})" if missing else ""))
-        rng = np.random.default_rng(0)
-        feeds = {}
-        for spec in specs:
-            declared = input_shapes[spec.name]
-            dtype = V2_TO_NUMPY[declared["dtype"]] if declared["dtype"] else (spec.dtype or np.dtype(np.float32))
-            shape = [EXAMPLE_ROWS if axis == 0 and not isinstance(d, int) else
-                     d if isinstance(d, int) else DYNAMIC_EXAMPLE_SIZE for axis, d in enumerate(declared["shape"])]
-            feeds[spec.name] = _random(rng, dtype, shape)
-        return feeds
-    if fallback is not None and set(fallback) == set(names):
-        return fallback
-    raise InvalidContent(f"{label} needs example inputs: upload it with 'samples' or 'input_shapes'")
-
-
-def _random(rng: np.random.Generator, dtype: np.dtype[Any], shape: list[int]) -> np.ndarray:
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    # 0 and 1 are valid for any embedding table or mask; samples give realistic values.
-    return rng.integers(0, 2, shape).astype(dtype)
-
-
-def _named_axes(names: list[str], feeds: dict[str, np.ndarray],
-                input_shapes: InputShapes | None) -> dict[str, dict[int, str]]:
-    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names if feeds[n].ndim > 0}
-    for name, declared in (input_shapes or {}).items():
-        for axis, dim in enumerate(declared["shape"]):
-            if isinstance(dim, str) and axis > 0:
-                axes.setdefault(name, {})[axis] = dim
-    return axes
 
 
 def _check(path: Path, names: list[str], feeds: dict[str, np.ndarray], samples: dict[str, np.ndarray] | None,

@@ -18,7 +18,7 @@ from app.errors import Conflict, InvalidContent, InvalidInput, ModelNotFound, No
 from app.formats import datasets as dataset_format
 from app.formats import torch_archive
 from app.formats.onnx_model import inspect_onnx, smoke_test
-from app.formats.torch_convert import parse_input_shapes
+from app.formats.torch_inputs import parse_input_shapes
 from app.runtime.datatypes import TensorSpec
 from app.services.catalog import Catalog, can_batch
 from app.storage import repositories

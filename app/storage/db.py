@@ -71,3 +71,8 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     with factory() as session, session.begin():
         yield session
+
+
+def rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE (typed loosely by SQLAlchemy as a plain Result)."""
+    return int(result.rowcount)

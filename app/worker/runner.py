@@ -26,14 +26,12 @@ from app.compression.progress import CancelToken
 from app.compression.recipes import Checkpoint, run_recipe
 from app.compression.search import Objective, search
 from app.errors import SlimServeError
-from app.formats import datasets as dataset_format
-from app.formats.onnx_model import inspect_onnx
-from app.formats.torch_archive import SUFFIXES
-from app.services.models import CONVERT, CONVERTING, ORIGINAL, dataset_row
+from app.services.models import CONVERT, ORIGINAL
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
-from app.storage.db import transaction
+from app.storage.db import rowcount, transaction
 from app.storage.tables import DatasetRow, JobRow, ModelRow, VariantRow, utcnow
+from app.worker.conversion import ConversionRunner, mark_model_failed
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +111,8 @@ class JobRunner:
         self._stale = timedelta(seconds=stale_seconds)
         self._threads = threads
         self._me = worker_id()
-        # Where a job started by this runner (a compression after a conversion) is published; None: the
-        # embedded scheduler finds queued jobs in the database by itself.
-        self._enqueue = enqueue
+        self._conversions = ConversionRunner(session_factory=session_factory, store=store, me=self._me,
+                                             enqueue=enqueue)
 
     def run(self, job_id: str) -> str:
         """Returns the job's state afterwards; 'skipped' when another worker owns it or it is finished."""
@@ -129,7 +126,7 @@ class JobRunner:
         started = time.monotonic()
         try:
             if job.preset == CONVERT:
-                state = self._convert(job, output, heartbeat, pinned)
+                state = self._conversions.run(job, output, heartbeat.report, lambda path: self._pin(path, pinned))
             else:
                 result = self._compress(job, output, heartbeat, pinned)
                 state = self._publish(job, output, result, time.monotonic() - started)
@@ -153,76 +150,9 @@ class JobRunner:
         if state in ("succeeded", "failed", "cancelled"):
             self._drop_checkpoint(job_id)
         if state == "succeeded" and job.preset == CONVERT:
-            self._compress_after_conversion(job)
+            self._conversions.start_requested_compression(job)
         log.info("job %s %s after %.1f s", job_id, state, time.monotonic() - started)
         return state
-
-    def _convert(self, job: JobRow, output: Path, heartbeat: _Heartbeat, pinned: list[Path]) -> str:
-        """Turn the uploaded PyTorch file into the model's original ONNX variant, checked against PyTorch."""
-        from app.formats.torch_convert import convert
-
-        with self._factory() as session:
-            model = session.get(ModelRow, job.model_id) if job.model_id is not None else None
-            if model is None:
-                raise CompressionError(f"model '{job.model_name}' was deleted before its conversion ran")
-            conversion = dict((model.config or {}).get("conversion") or {})
-            source = self._pin(self._store.local(model.sha256, SUFFIXES[model.format]), pinned)
-            samples_sha = conversion.get("samples_sha256")
-            samples_path = self._pin(self._store.local(samples_sha, DATASET_SUFFIX), pinned) if samples_sha else None
-            kind = model.format
-            label = f"'{conversion['filename']}'" if conversion.get("filename") else "the model file"
-        samples = dataset_format.read_arrays(samples_path, display_name="the samples") if samples_path else None
-        result = convert(source, kind, output, label=label, samples=samples,
-                         input_shapes=conversion.get("input_shapes"), progress=heartbeat.report)
-        heartbeat.report(0.95, "checking the ONNX model")
-        info, session_ort = inspect_onnx(output, display_name=f"the ONNX model converted from {label}",
-                                         providers=["CPUExecutionProvider"])
-        del session_ort
-        dataset = dataset_format.load_dataset(samples_path, info.inputs, display_name="the samples") \
-            if samples_path else None
-        sha, size, _ = self._store.adopt(output, MODEL_SUFFIX)
-        with transaction(self._factory) as session:
-            owned = _rowcount(session.execute(
-                update(JobRow).where(JobRow.id == job.id, JobRow.worker == self._me, JobRow.state == "running",
-                                     JobRow.cancel_requested.is_(False))
-                .values(state="succeeded", progress=1.0, stage="done", finished_at=utcnow(), error=None,
-                        report={"conversion": result.to_json()})
-            ))
-            model = session.get(ModelRow, job.model_id)
-            if not owned or model is None or model.state != CONVERTING:
-                raise Cancelled("the conversion was cancelled, taken over or its model deleted")
-            model.state = "ready"
-            model.inputs = [s.to_json() for s in info.inputs]
-            model.outputs = [s.to_json() for s in info.outputs]
-            model.opset, model.parameters = info.opset, info.parameters
-            model.warnings = list(model.warnings or []) + result.warnings
-            conversion.update(state="succeeded", **result.to_json())
-            model.config = {**(model.config or {}), "conversion": conversion}
-            model.variants.append(VariantRow(name=ORIGINAL, recipe=None, parent=None, sha256=sha, size_bytes=size,
-                                             report=None))
-            if dataset is not None and samples_sha and samples_path is not None:
-                model.datasets.append(dataset_row("samples", samples_sha, samples_path.stat().st_size, dataset))
-        log.info("converted %s from %s: max abs error %.3g over %d rows", job.model_name, kind,
-                 result.max_abs_error, result.rows_checked)
-        return "succeeded"
-
-    def _compress_after_conversion(self, job: JobRow) -> None:
-        """An upload with `compress` of a PyTorch file: the compression starts once the model exists as ONNX."""
-        from app.services.jobs import JobService
-
-        with self._factory() as session:
-            model = session.get(ModelRow, job.model_id) if job.model_id is not None else None
-            after = ((model.config or {}).get("conversion") or {}).get("after") if model else None
-        if not after or model is None:
-            return
-        service = JobService(session_factory=self._factory, enqueue=self._enqueue or (lambda _job_id: None))
-        try:
-            service.create(model_name=model.name, recipe=after["recipe"], promote=bool(after.get("promote")))
-        except SlimServeError as exc:
-            with transaction(self._factory) as session:
-                row = session.get(ModelRow, model.id)
-                if row is not None:
-                    row.warnings = [*row.warnings, f"the compression asked for at upload did not start: {exc}"]
 
     def _claim(self, job_id: str) -> JobRow | None:
         """Atomically take a queued job, or a running one whose worker is gone; one winner, always."""
@@ -241,7 +171,7 @@ class JobRunner:
             previous = (job.state, job.worker, job.attempts)
         now = utcnow()
         with transaction(self._factory) as session:
-            claimed = _rowcount(session.execute(
+            claimed = rowcount(session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.state == previous[0], JobRow.attempts == previous[2],
                        or_(JobRow.worker.is_(None), JobRow.worker == previous[1]), JobRow.cancel_requested.is_(False))
@@ -347,7 +277,7 @@ class JobRunner:
         recipe = job.recipe if job.preset != AUTO else {"preset": AUTO, "winner": getattr(result, "winner", None)}
         try:
             with transaction(self._factory) as session:
-                owned = _rowcount(session.execute(
+                owned = rowcount(session.execute(
                     update(JobRow).where(JobRow.id == job.id, JobRow.worker == self._me, JobRow.state == "running",
                                          JobRow.cancel_requested.is_(False))
                     .values(state="succeeded", progress=1.0, stage="done", finished_at=utcnow(), report=report,
@@ -383,14 +313,14 @@ class JobRunner:
         owned = JobRow.state.in_(("queued", "running")) if any_owner else or_(
             JobRow.state == "queued", and_(JobRow.state == "running", JobRow.worker == self._me))
         with transaction(self._factory) as session:
-            finished = _rowcount(session.execute(
+            finished = rowcount(session.execute(
                 update(JobRow).where(JobRow.id == job_id, owned)
                 .values(state=state, stage=stage, error=error, finished_at=utcnow(), report=report,
                         candidates=candidates)
             ))
             job = session.get(JobRow, job_id)
             if finished and job is not None and job.preset == CONVERT and job.model_id is not None:
-                _conversion_failed(session, job.model_id, error or f"the conversion was {state}")
+                mark_model_failed(session, job.model_id, error or f"the conversion was {state}")
         return state
 
 
@@ -400,16 +330,6 @@ def _original_sha(model: ModelRow) -> str:
         if variant.name == ORIGINAL:
             return variant.sha256
     raise CompressionError(f"model '{model.name}' has no original variant yet ({model.state})")
-
-
-def _conversion_failed(session: Session, model_id: int, error: str) -> None:
-    model = session.get(ModelRow, model_id)
-    if model is None or model.state != CONVERTING:
-        return
-    model.state = "failed"
-    conversion = dict((model.config or {}).get("conversion") or {})
-    conversion.update(state="failed", error=error)
-    model.config = {**(model.config or {}), "conversion": conversion}
 
 
 def _budget_summary(report: dict[str, Any]) -> str:
@@ -426,8 +346,3 @@ def _candidate_summary(candidate: dict[str, Any]) -> str:
     report = candidate["report"]
     return (f"{candidate['name']}: size {report['size_ratio']}x, speedup {report['speedup']}, "
             f"{_budget_summary(report)}, {'within' if report['within_budget'] else 'over'} budget")
-
-
-def _rowcount(result: Any) -> int:
-    """Rows matched by an UPDATE (typed loosely by SQLAlchemy as a plain Result)."""
-    return int(result.rowcount)

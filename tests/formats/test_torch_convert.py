@@ -13,7 +13,8 @@ import pytest
 
 from app.errors import InvalidContent, UnsupportedFormat
 from app.formats.torch_archive import TORCH_EXPORT, TORCHSCRIPT, sniff, vet_exported_program
-from app.formats.torch_convert import convert, parse_input_shapes
+from app.formats.torch_convert import convert
+from app.formats.torch_inputs import parse_input_shapes
 from tests import torch_files
 from tests.helpers import CNN_SAMPLES, TRANSFORMER_SAMPLES
 
