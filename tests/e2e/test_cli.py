@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers import MLP, MLP_SAMPLES, REPO
@@ -63,3 +64,33 @@ def test_client_commands(server_factory: Callable[..., Server], tmp_path: Path) 
 
     unreachable = _cli("models", url=f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stdout
+
+
+def test_client_options_against_a_protected_server(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    key = "cli-admin-key-0123"
+    url = server_factory(tmp_path / "keys", SLIMSERVE_API_KEYS=f"admin:{key}").url
+
+    def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", **env})
+
+    refused = cli("models", "--url", url)
+    assert refused.returncode == 1 and "API key is required" in refused.stdout
+    uploaded = cli("upload", str(MLP), "--name", "mlp", "--samples", str(MLP_SAMPLES), "--url", url,
+                   "--api-key", key)
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    # The address and the key from the environment, the dataset named, the result promoted.
+    env = {"SLIMSERVE_URL": url, "SLIMSERVE_API_KEY": key}
+    compressed = cli("compress", "mlp", "int8-dynamic", "--dataset", "samples", "--promote",
+                     "--budget", "agreement:0.05", **env)
+    assert compressed.returncode == 0, compressed.stdout + compressed.stderr
+    assert cli("models", **env).returncode == 0
+    model = httpx.get(f"{url}/models/mlp", headers={"X-API-Key": key}).json()
+    assert model["routing"]["default"] == "int8-dynamic"
+    job = httpx.get(f"{url}/jobs", headers={"X-API-Key": key}).json()["jobs"][0]
+    assert job["dataset"] == model["datasets"][0]["id"] and job["promote"] is True
+    unknown_dataset = cli("compress", "mlp", "fp16", "--dataset", "nope", **env)
+    assert unknown_dataset.returncode == 1 and "no dataset 'nope'" in unknown_dataset.stdout
+    benched = cli("bench", "mlp", "--variants", "original", "--requests", "20", "--concurrency", "2", **env)
+    assert benched.returncode == 0, benched.stdout + benched.stderr
+    assert "original" in benched.stdout and "int8-dynamic" not in benched.stdout
