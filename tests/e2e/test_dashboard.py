@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import MLP, MLP_SAMPLES
+from tests.helpers import CNN, CNN_SAMPLES
 from tests.processes import Server
 
 pytestmark = pytest.mark.e2e
@@ -48,38 +48,42 @@ def test_dashboard_uploads_compresses_and_charts(server_factory: Callable[..., S
 
     form = page.get_by_test_id("upload-form")
     form.locator("input[name=name]").fill("digits")
-    form.locator("input[name=file]").set_input_files(str(MLP))
-    form.locator("input[name=samples]").set_input_files(str(MLP_SAMPLES))
+    form.locator("input[name=file]").set_input_files(str(CNN))  # the example model `make run` serves
+    form.locator("input[name=samples]").set_input_files(str(CNN_SAMPLES))
     form.get_by_role("button", name="Upload").click()
     expect(page.locator("#message")).to_have_text("uploaded digits (ready)")
     variants = page.get_by_test_id("variants-digits")
     expect(variants.locator("tr[data-variant=original]")).to_contain_text("reference")
 
     compress = page.get_by_test_id("compress-digits")
-    compress.locator("select").select_option("int8-dynamic")
+    # auto: its result is a variant, and every candidate it tried is a hollow point on the charts.
+    compress.locator("select").select_option("auto")
     compress.get_by_role("button", name="Start").click()
-    expect(page.locator("#message")).to_contain_text("queued: digits → int8-dynamic")
+    expect(page.locator("#message")).to_contain_text("queued: digits → auto")
     job = page.get_by_test_id("jobs").locator("tr").first
     expect(job).to_have_attribute("data-state", "succeeded", timeout=120_000)
     expect(job).to_contain_text("100%")
 
-    row = variants.locator("tr[data-variant=int8-dynamic]")
+    row = variants.locator("tr[data-variant=auto]")
     expect(row).to_be_visible()
     expect(row).to_contain_text("within")
     charts = page.get_by_test_id("charts-digits")
+    candidates = [c for j in httpx.get(f"{url}/jobs").json()["jobs"] for c in j["candidates"] or [] if c["report"]]
+    assert len(candidates) >= 2
     for chart in ("speedup", "size"):
-        expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=int8-dynamic]")).to_have_count(1)
+        expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=auto]")).to_have_count(1)
         expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=original]")).to_have_count(1)
+        expect(charts.locator(f'svg[data-chart={chart}] circle[data-point^="auto: "]')).to_have_count(len(candidates))
 
     row.get_by_role("button", name="make default").click()
-    expect(page.locator("#message")).to_have_text("digits: int8-dynamic now answers unversioned requests")
-    expect(page.get_by_test_id("models")).to_contain_text("routing: default int8-dynamic")
-    assert httpx.get(f"{url}/models/digits").json()["routing"]["default"] == "int8-dynamic"
+    expect(page.locator("#message")).to_have_text("digits: auto now answers unversioned requests")
+    expect(page.get_by_test_id("models")).to_contain_text("routing: default auto")
+    assert httpx.get(f"{url}/models/digits").json()["routing"]["default"] == "auto"
     variants.locator("tr[data-variant=original]").get_by_role("button", name="make default").click()
     expect(page.get_by_test_id("models")).to_contain_text("routing: default original")
 
     # Traffic shows up as per-variant latency from the server's own histograms.
-    with np.load(MLP_SAMPLES) as archive:
+    with np.load(CNN_SAMPLES) as archive:
         rows = archive["input"][:4].tolist()
     for _ in range(20):
         assert httpx.post(f"{url}/models/digits/predict", json={"inputs": {"input": rows}}).status_code == 200
