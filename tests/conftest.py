@@ -4,7 +4,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +13,9 @@ from sqlalchemy import create_engine, text
 from app.main import create_app
 from app.settings import Settings
 from tests.helpers import MLP, MLP_SAMPLES
+
+if TYPE_CHECKING:
+    from tests.torch_files import TorchProcess
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -94,8 +97,18 @@ def broker() -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def torch_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def torch_process() -> Iterator[TorchProcess]:
+    """A child process for the tests' PyTorch work (exports, TorchScript, conversions, PyTorch's own answers)."""
+    from tests.torch_files import TorchProcess
+
+    process = TorchProcess()
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="session")
+def torch_model_files(tmp_path_factory: pytest.TempPathFactory, torch_process: TorchProcess) -> dict[str, Path]:
     """The example networks saved as users save them (.pt2, TorchScript, and pickles to refuse); built once."""
     from tests import torch_files
 
-    return torch_files.build(tmp_path_factory.mktemp("torch"))
+    return torch_process.call(torch_files.build, tmp_path_factory.mktemp("torch"))

@@ -1,17 +1,29 @@
-"""PyTorch files of the example networks (torch.export archives and TorchScript), built the way users make them."""
+"""PyTorch files of the example networks (torch.export archives and TorchScript), built the way users make them.
+
+Everything here runs in `TorchProcess`, a spawned child: torch.export, TorchScript and the exporter (and the
+sklearn/scipy stack that build_models.py imports) stay out of the pytest process, which hosts onnxruntime sessions,
+in-process servers and their threads. A native crash there then fails the test that caused it, by name, instead of
+aborting the whole run.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
+import multiprocessing
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from tests.helpers import MODELS
+
+T = TypeVar("T")
 
 CNN_INPUT = {"x": ["batch", 1, 8, 8]}
 TRANSFORMER_INPUT = {"input_ids": {"shape": ["batch", "seq"], "dtype": "INT64"},
@@ -62,3 +74,63 @@ def reference(file: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
             module = torch.export.load(str(file)).module()  # our own test file: safe to load with torch
         out: torch.Tensor = module(*(torch.from_numpy(v) for v in feeds.values()))
     return out.numpy()
+
+
+def convert_file(source: Path, output: Path, samples: dict[str, np.ndarray] | None = None,
+                 input_shapes: Any = None) -> Any:
+    """The worker's conversion of `source` (recognised by its bytes) to `output`; returns its Conversion."""
+    from app.formats.torch_archive import sniff
+    from app.formats.torch_convert import convert
+
+    archive = sniff(source, source.name, "the file")
+    assert archive is not None
+    return convert(source, archive.kind, output, label="the file", progress=lambda fraction, step: None,
+                   samples=samples, input_shapes=input_shapes)
+
+
+def save_file_reader(path: Path) -> None:
+    """A scripted module that reads a file from disk when run (aten::from_file)."""
+
+    class Reader(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.from_file("/etc/hostname", size=1, dtype=torch.uint8).float()
+
+    torch.jit.save(torch.jit.script(Reader()), str(path))
+
+
+class _Baked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(int(x.shape[0]), 8))  # int() freezes the traced batch size
+
+
+def save_baked_trace(path: Path) -> None:
+    """A trace at batch 2 that is right only at batch 2."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns about exactly this
+        torch.jit.save(torch.jit.trace(_Baked().eval(), torch.randn(2, 2, 4)), str(path))
+
+
+class TorchProcess:
+    """Runs this module's functions in one spawned child process, reused between tests."""
+
+    def __init__(self) -> None:
+        self._pool = self._start()
+
+    @staticmethod
+    def _start() -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return self._pool.submit(function, *args, **kwargs).result(timeout=600)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._pool = self._start()  # the next test gets a fresh child
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

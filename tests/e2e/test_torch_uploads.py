@@ -16,6 +16,7 @@ from tests import torch_files
 from tests.e2e.test_cli import _cli
 from tests.helpers import CNN_SAMPLES, TRANSFORMER_SAMPLES, npz_bytes
 from tests.processes import Server
+from tests.torch_files import TorchProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +51,8 @@ def _predict(url: str, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_pt2_and_torchscript_uploads_serve_pytorch_predictions(server_factory: Callable[..., Server],
-                                                               files: dict[str, Path], tmp_path: Path) -> None:
+                                                               files: dict[str, Path], torch_process: TorchProcess,
+                                                               tmp_path: Path) -> None:
     # One of each format and each network through the server; tests/formats converts all four combinations.
     url = server_factory(tmp_path / "data").url
     with np.load(CNN_SAMPLES) as archive:
@@ -75,14 +77,14 @@ def test_pt2_and_torchscript_uploads_serve_pytorch_predictions(server_factory: C
     assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert model["conversion"]["max_abs_error"] < 1e-4 and model["conversion"]["dynamic_axes"] == {"x": [0]}
     got = _predict(url, "cnn-pt2", {"x": images})
-    assert np.max(np.abs(got - torch_files.reference(files["cnn.pt2"], {"x": images}))) < 1e-4
+    assert np.max(np.abs(got - torch_process.call(torch_files.reference, files["cnn.pt2"], {"x": images}))) < 1e-4
     assert [d["name"] for d in model["datasets"]] == ["samples"]  # the samples became its dataset
 
     model = _settled(url, "tr-ts")
     assert model["state"] == "ready", model
     assert [i["shape"] for i in model["inputs"]] == [[-1, -1], [-1, -1]]
     got = _predict(url, "tr-ts", tokens)
-    assert np.max(np.abs(got - torch_files.reference(files["transformer.pt"], tokens))) < 1e-4
+    assert np.max(np.abs(got - torch_process.call(torch_files.reference, files["transformer.pt"], tokens))) < 1e-4
 
     jobs = httpx.get(f"{url}/jobs").json()["jobs"]
     assert sorted(j["model"] for j in jobs if j["recipe"] == "convert" and j["state"] == "succeeded") == sorted(

@@ -13,10 +13,10 @@ import pytest
 
 from app.errors import InvalidContent, UnsupportedFormat
 from app.formats.torch_archive import TORCH_EXPORT, TORCHSCRIPT, sniff, vet_exported_program
-from app.formats.torch_convert import convert
 from app.formats.torch_inputs import parse_input_shapes
 from tests import torch_files
 from tests.helpers import CNN_SAMPLES, TRANSFORMER_SAMPLES
+from tests.torch_files import TorchProcess
 
 
 @pytest.fixture
@@ -29,13 +29,15 @@ def _samples(path: Path, rows: int) -> dict[str, np.ndarray]:
         return {k: archive[k][:rows] for k in archive.files if k != "labels"}
 
 
-def _convert(source: Path, tmp_path: Path, **kwargs: object) -> tuple[Path, object]:
+@pytest.fixture
+def torch(torch_process: TorchProcess) -> TorchProcess:
+    return torch_process
+
+
+def _convert(torch: TorchProcess, source: Path, tmp_path: Path, **kwargs: object) -> tuple[Path, object]:
+    """The worker's conversion, run in the tests' PyTorch child process."""
     output = tmp_path / "out.onnx"
-    kind = sniff(source, source.name, "the file")
-    assert kind is not None
-    result = convert(source, kind.kind, output, label="the file", progress=lambda f, s: None,
-                     **{"samples": None, "input_shapes": None, **kwargs})  # type: ignore[arg-type]
-    return output, result
+    return output, torch.call(torch_files.convert_file, source, output, **kwargs)
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -43,11 +45,12 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["cnn.pt2", "cnn.pt"])
-def test_cnn_files_give_pytorch_predictions(files: dict[str, Path], tmp_path: Path, name: str) -> None:
+def test_cnn_files_give_pytorch_predictions(torch: TorchProcess, files: dict[str, Path], tmp_path: Path,
+                                            name: str) -> None:
     feeds = {"x": _samples(CNN_SAMPLES, 64)["input"]}  # the PyTorch module calls its input x
-    onnx_path, result = _convert(files[name], tmp_path, samples=feeds)
+    onnx_path, result = _convert(torch, files[name], tmp_path, samples=feeds)
     got = _run(onnx_path, feeds)
-    expected = torch_files.reference(files[name], feeds)
+    expected = torch.call(torch_files.reference, files[name], feeds)
     assert got.shape == (64, 10)
     assert np.max(np.abs(got - expected)) < 1e-4
     assert result.max_abs_error < 1e-4 and result.rows_checked >= 2  # type: ignore[attr-defined]
@@ -55,37 +58,40 @@ def test_cnn_files_give_pytorch_predictions(files: dict[str, Path], tmp_path: Pa
 
 
 @pytest.mark.parametrize("name", ["transformer.pt2", "transformer.pt"])
-def test_transformer_files_keep_batch_and_sequence_dynamic(files: dict[str, Path], tmp_path: Path,
-                                                           name: str) -> None:
+def test_transformer_files_keep_batch_and_sequence_dynamic(torch: TorchProcess, files: dict[str, Path],
+                                                           tmp_path: Path, name: str) -> None:
     shapes = parse_input_shapes(torch_files.TRANSFORMER_INPUT)
-    onnx_path, result = _convert(files[name], tmp_path, input_shapes=shapes)
+    onnx_path, result = _convert(torch, files[name], tmp_path, input_shapes=shapes)
     assert result.dynamic_axes == {"input_ids": [0, 1], "attention_mask": [0, 1]}  # type: ignore[attr-defined]
     data = _samples(TRANSFORMER_SAMPLES, 5)  # 5 rows of a length the export never saw
     got = _run(onnx_path, data)
-    expected = torch_files.reference(files[name], data)
+    expected = torch.call(torch_files.reference, files[name], data)
     assert got.shape == (5, 16) and np.max(np.abs(got - expected)) < 1e-4
 
 
-def test_a_static_export_keeps_its_batch_size_and_says_so(files: dict[str, Path], tmp_path: Path) -> None:
+def test_a_static_export_keeps_its_batch_size_and_says_so(torch: TorchProcess, files: dict[str, Path],
+                                                          tmp_path: Path) -> None:
     # Exported without dynamic_shapes, the program holds view(2, 512): it cannot be made dynamic afterwards.
-    onnx_path, result = _convert(files["cnn_static.pt2"], tmp_path)  # example inputs from the archive itself
+    onnx_path, result = _convert(torch, files["cnn_static.pt2"], tmp_path)  # example inputs from the archive itself
     feeds = {"x": _samples(CNN_SAMPLES, 2)["input"]}
     got = _run(onnx_path, feeds)
-    assert np.max(np.abs(got - torch_files.reference(files["cnn_static.pt2"], feeds))) < 1e-4
+    assert np.max(np.abs(got - torch.call(torch_files.reference, files["cnn_static.pt2"], feeds))) < 1e-4
     assert result.dynamic_axes == {}  # type: ignore[attr-defined]
     assert any("batch size is fixed at 2" in w and "dynamic_shapes" in w
                for w in result.warnings)  # type: ignore[attr-defined]
 
 
-def test_torchscript_without_example_inputs_is_refused_with_what_to_send(files: dict[str, Path],
+def test_torchscript_without_example_inputs_is_refused_with_what_to_send(torch: TorchProcess,
+                                                                         files: dict[str, Path],
                                                                          tmp_path: Path) -> None:
     with pytest.raises(InvalidContent, match="samples.*input_shapes"):
-        _convert(files["cnn.pt"], tmp_path)
+        _convert(torch, files["cnn.pt"], tmp_path)
 
 
-def test_samples_that_do_not_name_the_inputs_are_refused(files: dict[str, Path], tmp_path: Path) -> None:
+def test_samples_that_do_not_name_the_inputs_are_refused(torch: TorchProcess, files: dict[str, Path],
+                                                         tmp_path: Path) -> None:
     with pytest.raises(InvalidContent, match="no array for input.*x"):
-        _convert(files["cnn.pt"], tmp_path, samples={"pixels": np.zeros((4, 1, 8, 8), np.float32)})
+        _convert(torch, files["cnn.pt"], tmp_path, samples={"pixels": np.zeros((4, 1, 8, 8), np.float32)})
 
 
 @pytest.mark.parametrize("name", ["state_dict.pt", "module.pt"])
@@ -116,7 +122,7 @@ def _first_node(document: dict) -> dict:  # type: ignore[type-arg]
 
 @pytest.mark.parametrize("attack", ["target", "expression", "pickled_weight"])
 def test_archives_that_would_run_code_are_refused_before_torch_reads_them(
-        files: dict[str, Path], tmp_path: Path, attack: str) -> None:
+        torch: TorchProcess, files: dict[str, Path], tmp_path: Path, attack: str) -> None:
     marker = tmp_path / "pwned"
 
     def edit(name: str, document: dict) -> dict:  # type: ignore[type-arg]
@@ -136,7 +142,7 @@ def test_archives_that_would_run_code_are_refused_before_torch_reads_them(
     with pytest.raises((InvalidContent, UnsupportedFormat)):
         vet_exported_program(evil, archive.root, "the file")
     with pytest.raises((InvalidContent, UnsupportedFormat)):
-        _convert(evil, tmp_path)
+        _convert(torch, evil, tmp_path)
     assert not marker.exists()
 
 
@@ -148,7 +154,8 @@ class _Planted:
         return (open, (str(self.marker), "w"))
 
 
-def test_torchscript_with_a_planted_pickle_fails_to_load_and_runs_nothing(files: dict[str, Path],
+def test_torchscript_with_a_planted_pickle_fails_to_load_and_runs_nothing(torch: TorchProcess,
+                                                                          files: dict[str, Path],
                                                                           tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -157,45 +164,26 @@ def test_torchscript_with_a_planted_pickle_fails_to_load_and_runs_nothing(files:
             data = pickle.dumps(_Planted(marker)) if info.filename.endswith("/data.pkl") else old.read(info)
             new.writestr(info, data)
     with pytest.raises(InvalidContent, match="could not be loaded as TorchScript"):
-        _convert(evil, tmp_path, samples={"x": np.zeros((4, 1, 8, 8), np.float32)})
+        _convert(torch, evil, tmp_path, samples={"x": np.zeros((4, 1, 8, 8), np.float32)})
     assert not marker.exists()
 
 
-def test_torchscript_that_reads_files_is_refused(tmp_path: Path) -> None:
-    import torch
-
-    class Reader(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + torch.from_file("/etc/hostname", size=1, dtype=torch.uint8).float()
-
+def test_torchscript_that_reads_files_is_refused(torch: TorchProcess, tmp_path: Path) -> None:
     path = tmp_path / "reader.pt"
-    torch.jit.save(torch.jit.script(Reader()), str(path))
+    torch.call(torch_files.save_file_reader, path)
     with pytest.raises(InvalidContent, match="aten::from_file"):
-        _convert(path, tmp_path, samples={"x": np.zeros((2, 1), np.float32)})
+        _convert(torch, path, tmp_path, samples={"x": np.zeros((2, 1), np.float32)})
 
 
-def test_a_trace_that_baked_its_batch_size_is_served_at_that_size_with_a_warning(tmp_path: Path) -> None:
-    import warnings
-
-    import torch
-
-    class Baked(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = torch.nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x.reshape(int(x.shape[0]), 8))  # int() freezes the traced batch size
-
+def test_a_trace_that_baked_its_batch_size_is_served_at_that_size_with_a_warning(torch: TorchProcess,
+                                                                                 tmp_path: Path) -> None:
     path = tmp_path / "baked.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer warns about exactly this
-        torch.jit.save(torch.jit.trace(Baked().eval(), torch.randn(2, 2, 4)), str(path))
+    torch.call(torch_files.save_baked_trace, path)
     samples = {"x": np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)}
-    onnx_path, result = _convert(path, tmp_path, samples=samples)
+    onnx_path, result = _convert(torch, path, tmp_path, samples=samples)
     assert result.dynamic_axes == {}  # type: ignore[attr-defined]
     assert any("batch size is fixed at 2" in w for w in result.warnings)  # type: ignore[attr-defined]
     session = ort.InferenceSession(str(onnx_path))
     assert session.get_inputs()[0].shape == [2, 2, 4]
     feeds = {"x": samples["x"][:2]}
-    assert np.max(np.abs(session.run(None, feeds)[0] - torch_files.reference(path, feeds))) < 1e-5
+    assert np.max(np.abs(session.run(None, feeds)[0] - torch.call(torch_files.reference, path, feeds))) < 1e-5
