@@ -160,4 +160,4 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 
 def _serialize(model: onnx.ModelProto) -> bytes:
     model.ir_version = 8
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())

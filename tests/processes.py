@@ -89,7 +89,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def factory(data_dir: Path | None = None, args: tuple[str, ...] = (), **env: str) -> Server:
-        server = start_server(data_dir or tmp_path / "data", args=args, **env)
+        server = start_server(data_dir or tmp_path / "data", None, args, **env)
         started.append(server)
         return server
 

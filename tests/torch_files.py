@@ -55,10 +55,12 @@ def build(folder: Path) -> dict[str, Path]:
         warnings.simplefilter("ignore")
         torch.export.save(torch.export.export(cnn, (x,), dynamic_shapes={"x": {0: batch}}), files["cnn.pt2"])
         torch.export.save(torch.export.export(cnn, (x,)), files["cnn_static.pt2"])
-        torch.jit.save(torch.jit.trace(cnn, (x,)), files["cnn.pt"])
+        traced_cnn = torch.jit.trace(cnn, (x,))  # type: ignore[no-untyped-call]
+        torch.jit.save(traced_cnn, files["cnn.pt"])
         torch.export.save(torch.export.export(transformer, (ids, mask), dynamic_shapes={
             "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}), files["transformer.pt2"])
-        torch.jit.save(torch.jit.trace(transformer, (ids, mask)), files["transformer.pt"])
+        traced_transformer = torch.jit.trace(transformer, (ids, mask))  # type: ignore[no-untyped-call]
+        torch.jit.save(traced_transformer, files["transformer.pt"])
         torch.save(cnn.state_dict(), files["state_dict.pt"])
         torch.save(cnn, files["module.pt"])
     return files
@@ -69,7 +71,7 @@ def reference(file: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if file.suffix == ".pt":
-            module = torch.jit.load(str(file))
+            module = torch.jit.load(str(file))  # type: ignore[no-untyped-call]
         else:
             module = torch.export.load(str(file)).module()  # our own test file: safe to load with torch
         out: torch.Tensor = module(*(torch.from_numpy(v) for v in feeds.values()))
@@ -104,7 +106,8 @@ class _Baked(torch.nn.Module):
         self.linear = torch.nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.reshape(int(x.shape[0]), 8))  # int() freezes the traced batch size
+        out: torch.Tensor = self.linear(x.reshape(int(x.shape[0]), 8))  # int() freezes the traced batch size
+        return out
 
 
 def save_baked_trace(path: Path) -> None:
@@ -112,7 +115,8 @@ def save_baked_trace(path: Path) -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer warns about exactly this
-        torch.jit.save(torch.jit.trace(_Baked().eval(), torch.randn(2, 2, 4)), str(path))
+        traced = torch.jit.trace(_Baked().eval(), torch.randn(2, 2, 4))  # type: ignore[no-untyped-call]
+        torch.jit.save(traced, str(path))
 
 
 class TorchProcess:

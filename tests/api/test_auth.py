@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -14,7 +16,7 @@ READER = "reader-key-4567"
 
 
 @pytest.fixture
-def secured(make_settings) -> TestClient:  # type: ignore[no-untyped-def]
+def secured(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
     settings = make_settings(api_keys=f"admin:{ADMIN},predict:{READER}", public_metrics=False)
     with TestClient(create_app(settings)) as client:
         yield client

@@ -18,7 +18,7 @@ SAMPLES = np.load(MLP_SAMPLES)["input"]
 
 
 def _reference(rows: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(str(MLP)).run(None, {"input": rows})[0]
+    return np.asarray(ort.InferenceSession(str(MLP)).run(None, {"input": rows})[0])
 
 
 def _v2(rows: np.ndarray, **extra: object) -> dict[str, object]:

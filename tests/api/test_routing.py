@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.services.catalog import ModelEntry
 from app.services.routing import choose
+from app.settings import Settings
 from tests.conftest import upload
 from tests.helpers import MLP, MLP_SAMPLES
 
@@ -31,7 +33,7 @@ def _two_variants(client: TestClient) -> None:
 
 
 @pytest.fixture
-def routed(make_settings) -> TestClient:  # type: ignore[no-untyped-def]
+def routed(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(catalog_ttl_seconds=0.0))) as client:
         _two_variants(client)
         yield client

@@ -47,7 +47,7 @@ def make_ctx(tmp_path: Path) -> Callable[..., StepContext]:
 
 
 def top1(outputs: np.ndarray) -> np.ndarray:
-    return np.argmax(outputs, axis=-1)
+    return np.asarray(np.argmax(outputs, axis=-1))
 
 
 __all__ = ["CNN", "MLP", "TRANSFORMER", "load_data", "top1"]

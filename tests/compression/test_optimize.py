@@ -27,7 +27,7 @@ def _outputs(path: Path, data: ModelData) -> np.ndarray:
 
 def _optimize(model: Path, level: str, tmp_path: Path, ctx: StepContext) -> tuple[Path, dict[str, Any]]:
     output = tmp_path / f"{model.stem}-{level}.onnx"
-    notes = optimize.run(model, output, OptimizeStep(level=level), ctx)
+    notes = optimize.run(model, output, OptimizeStep.model_validate({"level": level}), ctx)
     graph.check_step_output(model, output, f"optimize ({level})")
     assert json.loads(json.dumps(notes)) == notes
     return output, notes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -320,7 +320,8 @@ def test_taylor_without_data_is_refused(tmp_path: Path, make_ctx: MakeCtx) -> No
 
 
 @pytest.mark.parametrize("mode", ["unstructured", "structured"])
-def test_a_model_without_prunable_layers_is_unsupported(tmp_path: Path, make_ctx: MakeCtx, mode: str) -> None:
+def test_a_model_without_prunable_layers_is_unsupported(tmp_path: Path, make_ctx: MakeCtx,
+                                                        mode: Literal["unstructured", "structured"]) -> None:
     model = helper.make_model(helper.make_graph(
         [helper.make_node("Add", ["x", "x"], ["y"])], "add",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],

@@ -6,6 +6,7 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -116,8 +117,9 @@ def _rewrite(source: Path, target: Path, edit: object) -> None:
             new.writestr(info, data)
 
 
-def _first_node(document: dict) -> dict:  # type: ignore[type-arg]
-    return document["graph_module"]["graph"]["nodes"][0]
+def _first_node(document: dict[str, Any]) -> dict[str, Any]:
+    node: dict[str, Any] = document["graph_module"]["graph"]["nodes"][0]
+    return node
 
 
 @pytest.mark.parametrize("attack", ["target", "expression", "pickled_weight"])

@@ -15,7 +15,7 @@ SPEC = TensorSpec("x", "FP32", (-1, 3))
 
 
 def _json_request(**tensor: object) -> bytes:
-    base = {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}
+    base: dict[str, object] = {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}
     base.update(tensor)
     return orjson.dumps({"inputs": [base]})
 

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from app.metrics import Metrics
-from app.services import latency
 from app.services.latency import LatencyWindow
 
 
@@ -37,7 +36,7 @@ def test_only_requests_inside_the_window_count(monkeypatch: pytest.MonkeyPatch) 
     metrics = Metrics()
     window = LatencyWindow(metrics)
     clock = [time.monotonic()]
-    monkeypatch.setattr(latency.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("app.services.latency.time.monotonic", lambda: clock[0])
     _observe(metrics, "original", 0.02, 50)
     window.snapshot()
     clock[0] += 400  # the 50 slow requests are now older than a 5-minute window
