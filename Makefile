@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
 PRELOAD ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
-.PHONY: install run test soak bench bench-compression bench-jobs models browser clean
+.PHONY: install run test lint soak bench bench-compression bench-jobs models browser clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ browser:
 
 test: install models browser
 	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check app tests benchmarks models
+	$(VENV)/bin/mypy app tests
 
 # The full bounded load test: 20,000 requests at concurrency 64 across two variants during a compression job.
 soak: install models
