@@ -119,6 +119,45 @@ def save_baked_trace(path: Path) -> None:
         torch.jit.save(traced, str(path))
 
 
+class _TwoHeads(torch.nn.Module):
+    """Class scores and a probability head, returned as a dict or as a tuple."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.logits = torch.nn.Linear(4, 3)
+        self.probs = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits, probs = self.logits(x), torch.softmax(self.probs(x), dim=-1)
+        return {"logits": logits, "probs": probs} if self.as_dict else (logits, probs)
+
+
+def save_two_heads(folder: Path) -> dict[str, Path]:
+    """dict.pt2 and dict.pt (a dict of two outputs), tuple.pt (a tuple of two)."""
+    torch.manual_seed(0)
+    x, batch = torch.randn(2, 4), torch.export.Dim("batch")
+    files = {name: folder / name for name in ("dict.pt2", "dict.pt", "tuple.pt")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(_TwoHeads(True).eval(), (x,), dynamic_shapes={"x": {0: batch}}),
+                          files["dict.pt2"])
+        as_dict = torch.jit.trace(_TwoHeads(True).eval(), (x,), strict=False)  # type: ignore[no-untyped-call]
+        torch.jit.save(as_dict, str(files["dict.pt"]))
+        as_tuple = torch.jit.trace(_TwoHeads(False).eval(), (x,))  # type: ignore[no-untyped-call]
+        torch.jit.save(as_tuple, str(files["tuple.pt"]))
+    return files
+
+
+def reference_outputs(file: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch's answer for a file whose forward() returns a dict of tensors."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        module = torch.export.load(str(file)).module()
+        out: dict[str, torch.Tensor] = module(*(torch.from_numpy(v) for v in feeds.values()))
+    return {name: tensor.numpy() for name, tensor in out.items()}
+
+
 class TorchProcess:
     """Runs this module's functions in one spawned child process, reused between tests."""
 

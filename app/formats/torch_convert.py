@@ -143,13 +143,21 @@ def _convert_exported(source: Path, output: Path, label: str, samples: dict[str,
     except Exception as exc:
         raise InvalidContent(f"{label} could not be exported to ONNX: {_first_line(exc)}") from None
     assert onnx_program is not None
-    _name_outputs(onnx_program.model)
+
+    def run(batch: dict[str, np.ndarray]) -> Any:
+        with torch.no_grad():
+            return module(*(torch.from_numpy(batch[n]) for n in names))
+
+    # The dynamo exporter flattens outputs in pytree order, the order _output_names follows.
+    outputs, output_names = onnx_program.model.graph.outputs, _output_names(run(feeds), names)
+    if len(output_names) != len(outputs):  # _check then says how the two differ
+        output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    for value, name in zip(outputs, output_names, strict=True):
+        value.name = name
     onnx_program.save(str(output), external_data=False)
 
     def reference(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        with torch.no_grad():
-            result = module(*(torch.from_numpy(batch[n]) for n in names))
-        return _flatten_outputs(result)
+        return _flatten_outputs(run(batch))
 
     return _check(output, names, feeds, samples, reference, progress, "dynamo", notes, label)
 
@@ -200,9 +208,15 @@ def _convert_script(source: Path, output: Path, label: str, samples: dict[str, n
                              "(an .npz with one array per input) or 'input_shapes'")
     feeds = example_feeds(specs, samples, input_shapes, label, fallback=None)
     dynamic = named_axes(names, feeds, input_shapes)
-    output_names = _script_output_names(module)
-    progress(0.4, "exporting to ONNX")
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    with torch.no_grad():
+        example_result = module(*args)
+    if _holds_dict(example_result):
+        raise InvalidContent(f"{label} returns a dict, which the TorchScript exporter cannot export: return a tuple "
+                             "from forward(), or upload a torch.export archive (.pt2), which keeps the keys as "
+                             "output names", code="unsupported_output")
+    output_names = _output_names(example_result, names)
+    progress(0.4, "exporting to ONNX")
     notes: list[str] = []
 
     def export(axes: dict[str, dict[int, str]] | None) -> None:
@@ -246,13 +260,10 @@ def _vet_script(module: Any, label: str) -> None:
             pending.extend(node.blocks())  # blocks of If/Loop have nodes() like a graph
 
 
-def _script_output_names(module: Any) -> list[str]:
-    returns = module.forward.schema.returns
-    kind = str(returns[0].type) if returns else "Tensor"
-    if kind == "Tensor":
-        return ["output"]
-    count = kind.count("Tensor")
-    return [f"output_{i}" for i in range(count)]
+def _holds_dict(result: Any) -> bool:
+    if isinstance(result, dict):
+        return True
+    return isinstance(result, (tuple, list)) and any(_holds_dict(item) for item in result)
 
 
 # ---------------------------------------------------------------- shared
@@ -356,10 +367,27 @@ def _flatten_outputs(result: Any) -> list[np.ndarray]:
                          "served")
 
 
-def _name_outputs(model: Any) -> None:
-    outputs = model.graph.outputs
-    for index, value in enumerate(outputs):
-        value.name = "output" if len(outputs) == 1 else f"output_{index}"
+def _output_names(result: Any, input_names: list[str]) -> list[str]:
+    """One name per flattened output: `output` for a lone tensor, the keys of a dict and the fields of a named
+    tuple where the model returns them (`logits`, `hidden.0`), `output_0`, `output_1` for plain tuples."""
+    from torch.utils import _pytree as pytree
+
+    _flatten_outputs(result)  # refuses what cannot be served, in words
+    leaves = pytree.tree_flatten_with_path(result)[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return ["output"]
+    taken, names = set(input_names), []
+    for path, _ in leaves:
+        parts = [str(key.key) if isinstance(key, pytree.MappingKey) else key.name
+                 if isinstance(key, pytree.GetAttrKey) else str(getattr(key, "idx", key)) for key in path]
+        name = ".".join(parts)
+        if isinstance(path[0], pytree.SequenceKey):
+            name = f"output_{name}"
+        while name in taken:  # an ONNX graph needs distinct names, inputs included
+            name = f"{name}_output"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _numpy_dtype(dtype: Any) -> np.dtype[Any] | None:

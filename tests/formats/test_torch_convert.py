@@ -95,6 +95,26 @@ def test_samples_that_do_not_name_the_inputs_are_refused(torch: TorchProcess, fi
         _convert(torch, files["cnn.pt"], tmp_path, samples={"pixels": np.zeros((4, 1, 8, 8), np.float32)})
 
 
+def test_outputs_keep_the_names_the_model_gives_them(torch: TorchProcess, tmp_path: Path) -> None:
+    heads = torch.call(torch_files.save_two_heads, tmp_path)
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)}
+    onnx_path, _ = _convert(torch, heads["dict.pt2"], tmp_path, samples=feeds)
+    session = ort.InferenceSession(str(onnx_path))
+    assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
+    expected = torch.call(torch_files.reference_outputs, heads["dict.pt2"], feeds)
+    for name, got in zip(["logits", "probs"], session.run(None, feeds), strict=True):
+        assert np.max(np.abs(got - expected[name])) < 1e-5
+    onnx_path, _ = _convert(torch, heads["tuple.pt"], tmp_path, samples=feeds)
+    assert [o.name for o in ort.InferenceSession(str(onnx_path)).get_outputs()] == ["output_0", "output_1"]
+
+
+def test_torchscript_returning_a_dict_is_refused_with_what_to_do(torch: TorchProcess, tmp_path: Path) -> None:
+    heads = torch.call(torch_files.save_two_heads, tmp_path)
+    with pytest.raises(InvalidContent, match=r"returns a dict.*return a tuple.*\.pt2") as error:
+        _convert(torch, heads["dict.pt"], tmp_path, samples={"x": np.zeros((3, 4), np.float32)})
+    assert error.value.code == "unsupported_output"
+
+
 @pytest.mark.parametrize("name", ["state_dict.pt", "module.pt"])
 def test_plain_pickles_are_refused_by_their_bytes(files: dict[str, Path], name: str) -> None:
     with pytest.raises(UnsupportedFormat, match="pickle") as error:
