@@ -35,6 +35,14 @@ _REFUSED_SCRIPT_OPS = {"aten::from_file", "aten::save", "aten::_print", "prim::P
 Progress = Callable[[float, str], None]
 
 
+def _not_torchvision_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("torchvision is not installed")
+
+
+# The exporter logs this once per torchvision operator on every export; torchvision ops never occur in our input.
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_not_torchvision_notice)
+
+
 @dataclass
 class Conversion:
     max_abs_error: float
