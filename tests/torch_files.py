@@ -174,6 +174,12 @@ class TorchProcess:
         except concurrent.futures.process.BrokenProcessPool:
             self._pool = self._start()  # the next test gets a fresh child
             raise
+        except TimeoutError:
+            self.close()  # a hung child must not hold the session's teardown too
+            self._pool = self._start()
+            raise
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
