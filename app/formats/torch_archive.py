@@ -35,7 +35,7 @@ _ALLOWED_TARGET = re.compile(
     r"|torch\.sym_(int|float|max|min|not|ite|sqrt|sum)"
     r"|math\.(ceil|floor|sqrt|trunc))$"
 )
-_REFUSED_ATEN = {"from_file", "save", "_print", "_nested_from_file"}
+REFUSED_ATEN = {"from_file", "save", "_print", "_nested_from_file"}
 
 # Symbolic shapes arrive as sympy srepr text and are parsed with sympy.sympify (an eval): only sympy constructors,
 # their keyword flags, numbers, quoted symbol names and arithmetic may appear.
@@ -209,7 +209,7 @@ def _vet(node: Any, label: str) -> None:
 
 def check_target(target: str, label: str) -> None:
     parts = target.split(".")
-    if not _ALLOWED_TARGET.match(target) or (parts[:3] == ["torch", "ops", "aten"] and parts[3] in _REFUSED_ATEN):
+    if not _ALLOWED_TARGET.match(target) or (parts[:3] == ["torch", "ops", "aten"] and parts[3] in REFUSED_ATEN):
         raise InvalidContent(
             f"{label} calls '{target[:100]}', which is not a standard aten operator; only programs made of "
             "aten operators are converted", code="unsupported_operator")
