@@ -37,6 +37,9 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
+        # Whatever the server started and left behind (uvicorn's worker processes outlive a killed parent).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
@@ -50,7 +53,7 @@ def start_server(data_dir: Path, port: int | None = None, args: tuple[str, ...] 
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", *args], cwd=REPO, env=environment, stdout=output,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = Server(process, f"http://127.0.0.1:{port}", port, data_dir, log)
     deadline = time.monotonic() + 60
