@@ -37,6 +37,10 @@ def test_concurrent_requests_are_batched_and_answered_row_by_row(
     # Inline execution would finish each tiny call before the next request arrives: no batch could form.
     server = server_factory(tmp_path / "batching", SLIMSERVE_INLINE_INFERENCE_MAX_MS="0")
     _upload(server, "cnn", CNN)
+    # A short wait for company: on a loaded machine the client alone may not keep the session busy enough.
+    with server.client() as client:
+        assert client.put("/models/cnn/batching", json={"enabled": True, "max_batch_size": 64,
+                                                        "max_queue_delay_ms": 20}).status_code == 200
     rng = np.random.default_rng(0)
     requests = [rng.random((int(rng.integers(1, 5)), 1, 8, 8), dtype=np.float32) for _ in range(96)]
     reference = ort.InferenceSession(str(CNN))
