@@ -33,8 +33,9 @@ browser:
 		|| (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the dashboard browser test will be skipped"
 
+# Should pytest itself die (a signal in native code), the last lines say in which test and where.
 test: install models browser
-	$(PY) -m pytest
+	$(PY) -m pytest || { status=$$?; $(PY) -m tests.fault_report; exit $$status; }
 
 lint: install
 	$(VENV)/bin/ruff check app tests benchmarks models

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import faulthandler
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,10 +13,36 @@ from sqlalchemy import create_engine, text
 
 from app.main import create_app
 from app.settings import Settings
+from tests.fault_report import FAULT_DIR
 from tests.helpers import MLP, MLP_SAMPLES
 
 if TYPE_CHECKING:
     from tests.torch_files import TorchProcess
+
+_fault_log: list[TextIO] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Should pytest itself die in native code, the dump goes to a file, after the name of the test it ran,
+    # and `make test` prints the part that matters last (pytest's own handler buries it under every thread).
+    FAULT_DIR.mkdir(parents=True, exist_ok=True)
+    handle = open(FAULT_DIR / f"{os.getpid()}.log", "w")  # noqa: SIM115 - open for the session, see unconfigure
+    _fault_log.append(handle)
+    faulthandler.enable(handle, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid: str) -> None:
+    for handle in _fault_log:
+        handle.write(f"running {nodeid}\n")
+        handle.flush()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.disable()
+    while _fault_log:
+        handle = _fault_log.pop()
+        handle.close()
+        Path(handle.name).unlink()
 
 
 @pytest.fixture(autouse=True, scope="session")
