@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -13,6 +15,9 @@ import pytest
 
 from tests.helpers import CNN, CNN_SAMPLES
 from tests.processes import Server
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
 
 pytestmark = pytest.mark.e2e
 
@@ -22,77 +27,84 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture
-def browser_page() -> object:
+def test_dashboard_uploads_compresses_and_charts(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (`make test` installs it with apt)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        yield page
-        browser.close()
-
-
-def test_dashboard_uploads_compresses_and_charts(server_factory: Callable[..., Server], tmp_path: Path,
-                                                 browser_page: object) -> None:
-    from playwright.sync_api import Page, expect
-
-    page: Page = browser_page  # type: ignore[assignment]
     url = server_factory(tmp_path / "data").url
+    # Playwright's async API: its sync API switches greenlets on the test process's main thread.
+    asyncio.run(_drive_dashboard(url, tmp_path))
+
+
+async def _drive_dashboard(url: str, tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 1100})
+            await _use_dashboard(page, url, tmp_path)
+        finally:
+            await browser.close()
+
+
+async def _use_dashboard(page: Page, url: str, tmp_path: Path) -> None:
+    from playwright.async_api import expect
+
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(url + "/")
-    expect(page.get_by_text("no models yet")).to_be_visible()
+    await page.goto(url + "/")
+    await expect(page.get_by_text("no models yet")).to_be_visible()
 
     form = page.get_by_test_id("upload-form")
-    form.locator("input[name=name]").fill("digits")
-    form.locator("input[name=file]").set_input_files(str(CNN))  # the example model `make run` serves
-    form.locator("input[name=samples]").set_input_files(str(CNN_SAMPLES))
-    form.get_by_role("button", name="Upload").click()
-    expect(page.locator("#message")).to_have_text("uploaded digits (ready)")
+    await form.locator("input[name=name]").fill("digits")
+    await form.locator("input[name=file]").set_input_files(str(CNN))  # the example model `make run` serves
+    await form.locator("input[name=samples]").set_input_files(str(CNN_SAMPLES))
+    await form.get_by_role("button", name="Upload").click()
+    await expect(page.locator("#message")).to_have_text("uploaded digits (ready)")
     variants = page.get_by_test_id("variants-digits")
-    expect(variants.locator("tr[data-variant=original]")).to_contain_text("reference")
+    await expect(variants.locator("tr[data-variant=original]")).to_contain_text("reference")
 
     compress = page.get_by_test_id("compress-digits")
     # auto: its result is a variant, and every candidate it tried is a hollow point on the charts.
-    compress.locator("select").select_option("auto")
-    compress.get_by_role("button", name="Start").click()
-    expect(page.locator("#message")).to_contain_text("queued: digits → auto")
+    await compress.locator("select").select_option("auto")
+    await compress.get_by_role("button", name="Start").click()
+    await expect(page.locator("#message")).to_contain_text("queued: digits → auto")
     job = page.get_by_test_id("jobs").locator("tr").first
-    expect(job).to_have_attribute("data-state", "succeeded", timeout=120_000)
-    expect(job).to_contain_text("100%")
+    await expect(job).to_have_attribute("data-state", "succeeded", timeout=120_000)
+    await expect(job).to_contain_text("100%")
 
     row = variants.locator("tr[data-variant=auto]")
-    expect(row).to_be_visible()
-    expect(row).to_contain_text("within")
+    await expect(row).to_be_visible()
+    await expect(row).to_contain_text("within")
     charts = page.get_by_test_id("charts-digits")
     candidates = [c for j in httpx.get(f"{url}/jobs").json()["jobs"] for c in j["candidates"] or [] if c["report"]]
     assert len(candidates) >= 2
     for chart in ("speedup", "size"):
-        expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=auto]")).to_have_count(1)
-        expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=original]")).to_have_count(1)
-        expect(charts.locator(f'svg[data-chart={chart}] circle[data-point^="auto: "]')).to_have_count(len(candidates))
+        await expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=auto]")).to_have_count(1)
+        await expect(charts.locator(f"svg[data-chart={chart}] circle[data-point=original]")).to_have_count(1)
+        await expect(charts.locator(f'svg[data-chart={chart}] circle[data-point^="auto: "]')).to_have_count(
+            len(candidates))
 
-    row.get_by_role("button", name="make default").click()
-    expect(page.locator("#message")).to_have_text("digits: auto now answers unversioned requests")
-    expect(page.get_by_test_id("models")).to_contain_text("routing: default auto")
+    await row.get_by_role("button", name="make default").click()
+    await expect(page.locator("#message")).to_have_text("digits: auto now answers unversioned requests")
+    await expect(page.get_by_test_id("models")).to_contain_text("routing: default auto")
     assert httpx.get(f"{url}/models/digits").json()["routing"]["default"] == "auto"
-    variants.locator("tr[data-variant=original]").get_by_role("button", name="make default").click()
-    expect(page.get_by_test_id("models")).to_contain_text("routing: default original")
+    await variants.locator("tr[data-variant=original]").get_by_role("button", name="make default").click()
+    await expect(page.get_by_test_id("models")).to_contain_text("routing: default original")
 
     # Traffic shows up as per-variant latency from the server's own histograms.
     with np.load(CNN_SAMPLES) as archive:
         rows = archive["input"][:4].tolist()
-    for _ in range(20):
-        assert httpx.post(f"{url}/models/digits/predict", json={"inputs": {"input": rows}}).status_code == 200
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for _ in range(20):
+            response = await client.post("/models/digits/predict", json={"inputs": {"input": rows}})
+            assert response.status_code == 200
     original = variants.locator("tr[data-variant=original] td")
-    expect(original.nth(10)).to_have_text("20", timeout=10_000)
-    assert original.nth(11).inner_text() != "–" and original.nth(12).inner_text() != "–"
+    await expect(original.nth(10)).to_have_text("20", timeout=10_000)
+    assert await original.nth(11).inner_text() != "–" and await original.nth(12).inner_text() != "–"
 
     shot = Path(os.environ.get("DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
-    page.screenshot(path=str(shot), full_page=True)
+    await page.screenshot(path=str(shot), full_page=True)
     _assert_not_blank(shot)
     assert errors == []
 

@@ -1,9 +1,12 @@
-"""A real uvicorn process on a free port, real HTTP, and an independent V2 client (tritonclient)."""
+"""A real uvicorn process on a free port, real HTTP, and an independent V2 client (tritonclient, in its own
+process: see tests/e2e/triton_client.py)."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,10 +16,9 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import CNN, CNN_SAMPLES, MLP, MLP_SAMPLES
+from tests.helpers import CNN, CNN_SAMPLES, MLP, MLP_SAMPLES, REPO
 from tests.processes import Server
 
 pytestmark = pytest.mark.e2e
@@ -44,22 +46,20 @@ def test_upload_then_tritonclient_json_and_binary(server_factory: Callable[..., 
     rows = np.load(MLP_SAMPLES)["input"][:5]
     expected = ort.InferenceSession(str(MLP)).run(None, {"input": rows})[0]
 
-    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
-    assert client.get_model_metadata("mlp")["inputs"][0]["shape"] == [-1, 64]
-    for binary in (False, True):
-        for _ in range(3):
-            tensor = triton.InferInput("input", list(rows.shape), "FP32")
-            tensor.set_data_from_numpy(rows, binary_data=binary)
-            output = triton.InferRequestedOutput("logits", binary_data=binary)
-            result = client.infer("mlp", [tensor], outputs=[output], request_id="abc")
-            np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-6)
-            assert result.get_response()["id"] == "abc"
-    # No requested outputs: tritonclient asks for binary outputs by default.
-    tensor = triton.InferInput("input", list(rows.shape), "FP32")
-    tensor.set_data_from_numpy(rows, binary_data=False)
-    np.testing.assert_allclose(client.infer("mlp", [tensor]).as_numpy("logits"), expected, rtol=1e-6)
-    client.close()
+    rows_file, answers_file = server.data_dir.parent / "rows.npy", server.data_dir.parent / "answers.npz"
+    np.save(rows_file, rows)
+    subprocess.run([sys.executable, "-m", "tests.e2e.triton_client", str(server.port), "mlp", str(rows_file),
+                    str(answers_file)], cwd=REPO, check=True, timeout=120)
+    with np.load(answers_file) as answers:
+        facts = json.loads(str(answers["facts"]))
+        assert facts["live"] and facts["ready"] and facts["model_ready"]
+        assert facts["metadata"]["inputs"][0]["shape"] == [-1, 64]
+        assert facts["ids"] == ["abc"] * 6
+        assert sorted(answers.files) == ["binary-0", "binary-1", "binary-2", "default", "facts", "json-0", "json-1",
+                                         "json-2"]
+        for name in answers.files:
+            if name != "facts":
+                np.testing.assert_allclose(answers[name], expected, rtol=1e-6)
 
     # The example model preloaded the way `make run` does it answers at once.
     digits = np.load(CNN_SAMPLES)
