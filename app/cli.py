@@ -66,6 +66,7 @@ def serve(
 def worker(
     run_job: Annotated[str | None, typer.Option(help="Run this one job and exit (used by the embedded queue)")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs this worker runs at once")] = 1,
+    server_pid: Annotated[int | None, typer.Option(hidden=True, help="The server that started this job")] = None,
 ) -> None:
     """Start a Celery worker for compression jobs (SLIMSERVE_QUEUE=celery, SLIMSERVE_BROKER_URL)."""
     try:
@@ -75,6 +76,10 @@ def worker(
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if run_job is not None:
+        if server_pid is not None:
+            from app.worker.embedded import enter_job_process
+
+            enter_job_process(settings.worker_nice, server_pid)
         raise typer.Exit(0 if _run_one_job(settings, run_job) in ("succeeded", "skipped") else 1)
     if settings.queue != "celery":
         typer.echo("`slimserve worker` serves Celery: set SLIMSERVE_QUEUE=celery and SLIMSERVE_BROKER_URL "

@@ -28,7 +28,9 @@ _PR_SET_PDEATHSIG = 1
 CANCEL_GRACE_SECONDS = 10.0
 
 
-def _child_setup(niceness: int) -> None:
+def enter_job_process(niceness: int, server_pid: int) -> None:
+    """Called first thing in a job process the server started. Done here, after exec, not in a preexec_fn: Python
+    code between fork and exec in a server full of threads (onnxruntime's, the event loop's) can deadlock."""
     os.nice(niceness)
     # The server's memory cap is for predictions; a job (torch, calibration) gets the hard limit.
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -36,6 +38,8 @@ def _child_setup(niceness: int) -> None:
     # If the server dies, its jobs die with it and are run again after the restart, never twice at once.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server_pid:  # the server died before the line above: nobody would kill this job
+        raise SystemExit(f"the server (process {server_pid}) is gone; the job runs again when it restarts")
 
 
 class EmbeddedQueue:
@@ -95,9 +99,8 @@ class EmbeddedQueue:
         waiting = await asyncio.to_thread(waiting_jobs, self._factory, free + len(self._children))
         for job_id in [j for j in lost + waiting if j not in self._children][:free]:
             self._children[job_id] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "app", "worker", "--run-job", job_id,
+                sys.executable, "-m", "app", "worker", "--run-job", job_id, "--server-pid", str(os.getpid()),
                 env={**os.environ, **self._settings.worker_env()},
-                preexec_fn=lambda: _child_setup(self._settings.worker_nice),
             )
             log.info("job %s started in process %d", job_id, self._children[job_id].pid)
 
