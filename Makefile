@@ -35,7 +35,7 @@ browser:
 
 # Should pytest itself die (a signal in native code), the last lines say in which test and where.
 test: install models browser
-	$(PY) -m pytest || { status=$$?; $(PY) -m tests.fault_report; exit $$status; }
+	$(PY) -m pytest || { status=$$?; $(PY) -m tests.fault_report $$status; exit $$status; }
 
 lint: install
 	$(VENV)/bin/ruff check app tests benchmarks models

@@ -42,7 +42,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     while _fault_log:
         handle = _fault_log.pop()
         handle.close()
-        Path(handle.name).unlink()
+        Path(handle.name).unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

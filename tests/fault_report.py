@@ -1,26 +1,28 @@
-"""After a failed `make test`: if pytest itself died (a signal in native code), say in which test and where.
+"""After a failed `make test`: if a signal ended pytest (a crash in native code, the OOM killer), say in which
+test, and where when there is a dump.
 
-Each pytest process writes FAULT_DIR/<pid>.log and removes it when it ends by itself, so a log left there is a
-crash's. The whole dump (every thread) stays in it; this prints the lines that name the cause, short enough to be
-the last thing a CI log shows.
+Each pytest process writes FAULT_DIR/<pid>.log and removes it when it ends by itself, so a log left there is
+from a run that was killed. The whole dump (every thread) stays in it; this prints the lines that name the
+cause, short enough to be the last thing a CI log shows.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 FAULT_DIR = Path(__file__).resolve().parents[1] / "var" / "pytest-faults"
-STACK_LINES = 25
+STACK_LINES = 15
 
 
 def summary(lines: list[str], path: Path) -> list[str]:
+    """The crashing thread's stack, the other threads' innermost frames, then the test and the error: a CI log
+    that shows only its tail shows the last lines first."""
+    running = [line.removeprefix("running ") for line in lines if line.startswith("running ")]
+    test = f"pytest died while running {running[-1] if running else '(before the first test)'}"
     fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal Python error")), None)
     if fatal is None:
-        return []
-    running = [line.removeprefix("running ") for line in lines[:fatal] if line.startswith("running ")]
-    out = [f"pytest died while running {running[-1] if running else '(before the first test)'}", lines[fatal]]
+        return [test, "no crash dump: killed from outside (the kernel's OOM killer, a timeout, kill -9)"]
     # Threads are dumped newest first; the one that received the signal is marked "Current thread".
     blocks: list[list[str]] = []
     for line in lines[fatal + 1:]:
@@ -28,26 +30,27 @@ def summary(lines: list[str], path: Path) -> list[str]:
             blocks.append([line])
         elif blocks and line.startswith("  "):
             blocks[-1].append(line)
+    out: list[str] = []
     for block in blocks:
         if not block[0].startswith("Thread 0x"):
             out += block[:STACK_LINES + 1] + (["  ..."] if len(block) > STACK_LINES + 1 else [])
     out.append("other threads, innermost frame:")
     out += [f"  {block[0].split(' (')[0]}: {block[1].strip() if len(block) > 1 else '<no Python frame>'}"
             for block in blocks if block[0].startswith("Thread 0x")]
-    out.append(f"(every thread's stack: {path})")
-    return out
+    return [*out, f"(every thread's stack: {path})", test, lines[fatal]]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """argv[0]: pytest's exit status as the shell saw it; above 128, a signal ended it."""
+    if not argv or int(argv[0]) <= 128:
+        return 0
     logs = sorted(FAULT_DIR.glob("*.log"), key=lambda path: path.stat().st_mtime)
     if logs:
-        newest = logs[-1]
-        lines = summary(newest.read_text(errors="replace").splitlines(), newest)
-        if lines:
-            when = time.strftime("%H:%M:%S", time.localtime(newest.stat().st_mtime))
-            sys.stderr.write("\n".join([f"{lines[0]} (at {when})", *lines[1:]]) + "\n")
+        lines = summary(logs[-1].read_text(errors="replace").splitlines(), logs[-1])
+        lines.append(f"signal {int(argv[0]) - 128}")
+        sys.stderr.write("\n".join(lines) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
