@@ -68,8 +68,8 @@ def test_a_job_process_dies_with_the_server_that_started_it() -> None:
 
 
 def test_a_job_process_whose_server_is_already_gone_does_not_run() -> None:
-    not_my_parent = 1
-    job = subprocess.run([sys.executable, "-c", JOB, str(not_my_parent)], cwd=REPO, capture_output=True, text=True,
+    never_a_pid = 2**22 + 1  # above Linux's highest pid_max
+    job = subprocess.run([sys.executable, "-c", JOB, str(never_a_pid)], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert job.returncode == 1 and job.stdout == ""
-    assert "the server (process 1) is gone" in job.stderr
+    assert f"the server (process {never_a_pid}) is gone" in job.stderr
