@@ -7,8 +7,8 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 WORKDIR /src
 # Dependencies in their own layer, so code changes do not reinstall them.
-COPY pyproject.toml README.md ./
-RUN mkdir app && touch app/__init__.py && pip install ".[s3]" && pip uninstall -y slimserve
+COPY pyproject.toml README.md constraints.txt ./
+RUN mkdir app && touch app/__init__.py && pip install -c constraints.txt ".[s3]" && pip uninstall -y slimserve
 COPY app ./app
 RUN pip install --no-deps .
 

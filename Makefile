@@ -6,17 +6,23 @@ STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
 PRELOAD ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
-.PHONY: install run test lint soak bench bench-compression bench-jobs models browser clean
+.PHONY: install constraints run test lint soak bench bench-compression bench-jobs models browser clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and alone: pinned to the CPU wheel, so nothing later can pull a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# The tested versions: a new release of a dependency cannot change what `make test` runs.
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# After changing dependencies in pyproject.toml: record the versions now installed as the tested set.
+constraints: install
+	{ head -n 3 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 models: $(STAMP)
 	@test -f models/digits_cnn.onnx -a -f models/digits_mlp.onnx -a -f models/tiny_transformer.onnx \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -95,3 +96,21 @@ def test_scaled_out_deployment_shares_database_broker_and_artifacts() -> None:
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["command"] == ["slimserve", "worker"]
     assert CliRunner().invoke(cli, ["worker", "--help"]).exit_code == 0
+
+
+def test_every_file_the_image_copies_is_in_the_repository() -> None:
+    sources = [token for line in DOCKERFILE.splitlines() if line.startswith("COPY ") and "--from=" not in line
+               for token in line.split()[1:-1]]
+    assert "constraints.txt" in sources
+    missing = [source for source in sources if not (REPO / source).exists()]
+    assert missing == []
+
+
+def test_every_dependency_has_a_tested_version() -> None:
+    """`make install` and the image install with constraints.txt: a dependency missing there floats."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(d for group in project["optional-dependencies"].values() for d in group)]
+    names = {re.split(r"[\[<>=~!; ]", requirement, maxsplit=1)[0].lower().replace("_", "-") for requirement in wanted}
+    constraints = (REPO / "constraints.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in constraints if "==" in line}
+    assert names - pinned == {"torch"}  # torch: pinned in pyproject.toml itself, installed first from its CPU wheel
