@@ -37,9 +37,7 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
-        # Whatever the server started and left behind (uvicorn's worker processes outlive a killed parent).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        kill_group(self.process)  # what it left behind: uvicorn's worker processes outlive a killed parent
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
@@ -81,10 +79,10 @@ def start_worker(log: Path, **env: str) -> subprocess.Popen[bytes]:
 
 
 def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        process.wait(timeout=30)
+    """The process started with start_new_session and everything in its group, also after the leader exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    process.wait(timeout=30)
 
 
 @pytest.fixture
