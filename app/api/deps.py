@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
@@ -24,6 +24,14 @@ from app.settings import ApiKey, Settings
 from app.storage.artifacts import ArtifactStore
 
 audit = logging.getLogger("slimserve.audit")
+
+# Path parameters, described once for /docs.
+ModelName = Annotated[str, Path(description="The model's name", openapi_examples={"digits": {"value": "digits"}})]
+VariantName = Annotated[str, Path(description="'original', or the name a compression gave the variant",
+                                  openapi_examples={"int8-dynamic": {"value": "int8-dynamic"},
+                                                    "original": {"value": "original"}})]
+JobId = Annotated[str, Path(description="Job id (UUID)", openapi_examples={
+    "job": {"value": "5f0c8a3e-2b7d-4c1e-9a51-0d6f3f1c2b9a"}})]
 
 
 class Authenticator:

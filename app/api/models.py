@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from app.api.deps import Admin, Reader, ServicesDep
+from app.api.deps import Admin, ModelName, Reader, ServicesDep, VariantName
 from app.api.multipart import UploadForm, read_upload_form
 from app.api.schemas import (
     BatchingUpdate,
@@ -49,14 +49,15 @@ _UPLOAD_DOC = {
                             "TorchScript (.pt, torch.jit.save). PyTorch files are converted to ONNX by a job: "
                             "the model is 'converting' until it ends. Pickles (torch.save) are refused.")},
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
-                                 "example": "mymodel"},
+                                 "description": "The name it is served under", "example": "mymodel"},
                         "samples": {"type": "string", "format": "binary",
                                     "description": ".npz with one array per input (+ optional labels); "
                                                    "stored as the model's first dataset"},
                         "compress": {"type": "string", "example": "int8-static",
                                      "description": "A preset name or a recipe as JSON: starts a job at once"},
                         "promote": {"type": "boolean", "description": "With compress: make the result the "
-                                                                      "default variant if within budget"},
+                                                                      "default variant if within budget",
+                                    "example": False},
                         "input_shapes": {"type": "string", "example": '{"x": ["batch", 1, 8, 8]}',
                                          "description": (
                             "PyTorch files only, JSON {input: [dims]} or {input: {\"shape\": [dims], "
@@ -144,15 +145,16 @@ async def list_models(services: ServicesDep, _key: Reader) -> ModelsPublic:
 
 
 @router.get("/models/{name}", response_model=ModelPublic)
-async def get_model(name: str, services: ServicesDep, _key: Reader) -> ModelPublic:
+async def get_model(name: ModelName, services: ServicesDep, _key: Reader) -> ModelPublic:
     """One model, with live shadow statistics."""
     row = await asyncio.to_thread(services.models.get, name)
     return model_public(row, await asyncio.to_thread(services.routing.shadow_stats, name))
 
 
 @router.get("/models/{name}/latency", response_model=LatencyPublic)
-async def get_latency(name: str, services: ServicesDep, _key: Reader,
-                      minutes: Annotated[float, Query(gt=0, le=30, description="Window length")] = 5.0,
+async def get_latency(name: ModelName, services: ServicesDep, _key: Reader,
+                      minutes: Annotated[float, Query(gt=0, le=30, description="Window length",
+                                                      openapi_examples={"5 minutes": {"value": 5.0}})] = 5.0,
                       ) -> LatencyPublic:
     """Per-variant request latency p50/p99 over the last minutes, from this server's own histograms (all its
     processes): what Prometheus' histogram_quantile over the same window gives."""
@@ -162,7 +164,7 @@ async def get_latency(name: str, services: ServicesDep, _key: Reader,
 
 
 @router.delete("/models/{name}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)
-async def delete_model(name: str, services: ServicesDep, _key: Admin) -> Response:
+async def delete_model(name: ModelName, services: ServicesDep, _key: Admin) -> Response:
     """Delete a model with its variants, datasets and files."""
     served = await asyncio.to_thread(services.models.delete, name)
     services.inference.forget(served)
@@ -171,14 +173,14 @@ async def delete_model(name: str, services: ServicesDep, _key: Admin) -> Respons
 
 
 @router.get("/models/{name}/variants", response_model=VariantsPublic)
-async def list_variants(name: str, services: ServicesDep, _key: Reader) -> VariantsPublic:
+async def list_variants(name: ModelName, services: ServicesDep, _key: Reader) -> VariantsPublic:
     """Every variant of a model, the original first."""
     row = await asyncio.to_thread(services.models.get, name)
     return VariantsPublic(variants=[variant_public(v) for v in row.variants])
 
 
 @router.get("/models/{name}/variants/{variant}", response_model=VariantPublic)
-async def get_variant(name: str, variant: str, services: ServicesDep, _key: Reader) -> VariantPublic:
+async def get_variant(name: ModelName, variant: VariantName, services: ServicesDep, _key: Reader) -> VariantPublic:
     """One variant with its report."""
     row = await asyncio.to_thread(services.models.get, name)
     for candidate in row.variants:
@@ -189,7 +191,7 @@ async def get_variant(name: str, variant: str, services: ServicesDep, _key: Read
 
 @router.get("/models/{name}/variants/{variant}/artifact", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The ONNX file"}})
-async def download_variant(name: str, variant: str, services: ServicesDep, _key: Reader) -> FileResponse:
+async def download_variant(name: ModelName, variant: VariantName, services: ServicesDep, _key: Reader) -> FileResponse:
     """Download the ONNX file of a variant."""
     row = await asyncio.to_thread(services.models.get, name)
     for candidate in row.variants:
@@ -201,7 +203,7 @@ async def download_variant(name: str, variant: str, services: ServicesDep, _key:
 
 
 @router.delete("/models/{name}/variants/{variant}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)
-async def delete_variant(name: str, variant: str, services: ServicesDep, _key: Admin) -> Response:
+async def delete_variant(name: ModelName, variant: VariantName, services: ServicesDep, _key: Admin) -> Response:
     """Delete a compressed variant (never the original, nor the variant that routing sends traffic to)."""
     if variant == ORIGINAL:
         raise Conflict("the original variant cannot be deleted; delete the model instead")
@@ -215,8 +217,9 @@ async def delete_variant(name: str, variant: str, services: ServicesDep, _key: A
                  "type": "object", "required": ["file"], "properties": {
                      "file": {"type": "string", "format": "binary",
                               "description": ".npz: one array per model input, optional 'labels'"},
-                     "name": {"type": "string", "example": "calibration"}}}}}}})
-async def upload_dataset(name: str, request: Request, services: ServicesDep, _key: Admin) -> DatasetPublic:
+                     "name": {"type": "string", "description": "Its name, unique within the model",
+                              "example": "calibration"}}}}}}})
+async def upload_dataset(name: ModelName, request: Request, services: ServicesDep, _key: Admin) -> DatasetPublic:
     """Attach a dataset (.npz) to a model, checked against the model's inputs."""
     form = await read_upload_form(
         request, store=services.store, file_fields={"file"}, max_bytes=services.settings.max_upload_bytes
@@ -234,39 +237,39 @@ async def upload_dataset(name: str, request: Request, services: ServicesDep, _ke
 
 
 @router.get("/models/{name}/datasets", response_model=DatasetsPublic)
-async def list_datasets(name: str, services: ServicesDep, _key: Reader) -> DatasetsPublic:
+async def list_datasets(name: ModelName, services: ServicesDep, _key: Reader) -> DatasetsPublic:
     """Datasets of a model."""
     rows = await asyncio.to_thread(services.models.list_datasets, name)
     return DatasetsPublic(datasets=[dataset_public(d) for d in rows])
 
 
 @router.put("/models/{name}/capture")
-async def enable_capture(name: str, body: CaptureUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
+async def enable_capture(name: ModelName, body: CaptureUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
     """Keep a reservoir sample of real prediction inputs as the model's `traffic` dataset."""
     return await asyncio.to_thread(services.capture.configure, name, body.samples)
 
 
 @router.delete("/models/{name}/capture")
-async def disable_capture(name: str, services: ServicesDep, _key: Admin) -> dict[str, Any]:
+async def disable_capture(name: ModelName, services: ServicesDep, _key: Admin) -> dict[str, Any]:
     """Stop capturing; the `traffic` dataset stays."""
     return await asyncio.to_thread(services.capture.configure, name, None)
 
 
 @router.put("/models/{name}/routing", response_model=RoutingPublic)
-async def set_routing(name: str, body: RoutingUpdate, services: ServicesDep, _key: Admin) -> RoutingPublic:
+async def set_routing(name: ModelName, body: RoutingUpdate, services: ServicesDep, _key: Admin) -> RoutingPublic:
     """Default variant, canary split and shadow traffic; every server process follows within a second."""
     routing = await asyncio.to_thread(services.routing.update, name, body.model_dump())
     return RoutingPublic(**routing)
 
 
 @router.put("/models/{name}/batching")
-async def set_batching(name: str, body: BatchingUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
+async def set_batching(name: ModelName, body: BatchingUpdate, services: ServicesDep, _key: Admin) -> dict[str, Any]:
     """Dynamic batching of this model's variants (on by default for models with a batch axis)."""
     return await asyncio.to_thread(services.models.configure_batching, name, body.model_dump())
 
 
 @router.put("/models/{name}/variants/{variant}/session")
-async def set_session_options(name: str, variant: str, body: SessionUpdate, services: ServicesDep,
+async def set_session_options(name: ModelName, variant: VariantName, body: SessionUpdate, services: ServicesDep,
                               _key: Admin) -> dict[str, Any]:
     """Threads and graph optimization level of one variant's onnxruntime session."""
     options, sha = await asyncio.to_thread(services.models.configure_session, name, variant, body.model_dump())

@@ -9,33 +9,58 @@ from pydantic import BaseModel, Field
 
 from app.storage.tables import DatasetRow, ModelRow, VariantRow
 
+# Shapes of real answers (the example CNN and its int8-dynamic variant), shown in /docs.
+SHA256_EXAMPLE = "edd044b43af68a6ea3e540cf4e3e0d23e2a09fa5bc35c019422f11d707e4131f"
+TIME_EXAMPLE = "2026-11-29T06:04:25Z"
+REPORT_EXAMPLE = {
+    "size_bytes": 131894, "size_ratio": 0.5484, "gzip_bytes": 118998, "parameters": 56784,
+    "nonzero_parameters": 56402,
+    "latency_ms": {"batch_1": {"p50": 0.0365, "p95": 0.0657, "runs": 422},
+                   "batch_n": {"batch": 32, "p50": 1.004, "p95": 1.31, "runs": 50}},
+    "speedup": {"batch_1": 0.984, "batch_n": 0.966},
+    "fidelity": {"samples": 135, "agreement": 1.0, "accuracy": 1.0, "original_accuracy": 1.0,
+                 "cosine_mean": 0.999989, "cosine_min": 0.999958, "max_abs_error": 0.1029, "relative_l2": 0.0046,
+                 "data": "dataset"},
+    "within_budget": True, "budget": {"metric": "agreement", "max_drop": 0.01},
+    "steps": [{"step": {"op": "quantize", "mode": "dynamic"}, "notes": {"per_channel": True}}],
+}
+DATASET_EXAMPLE = {"id": "0b6f3c2e-8d1a-4f7e-a3c5-9e2d1b7a6c40", "name": "samples", "samples": 450, "has_labels": True,
+                   "created_at": TIME_EXAMPLE}
+VARIANT_EXAMPLE = {"name": "int8-dynamic", "recipe": {"steps": [{"op": "quantize", "mode": "dynamic"}]},
+                   "parent": "original", "sha256": SHA256_EXAMPLE, "size_bytes": 131894, "created_at": TIME_EXAMPLE,
+                   "report": REPORT_EXAMPLE}
+ORIGINAL_EXAMPLE = {"name": "original", "recipe": None, "parent": None, "sha256": SHA256_EXAMPLE,
+                    "size_bytes": 240525, "created_at": TIME_EXAMPLE, "report": None}
+
 
 class TensorPublic(BaseModel):
-    name: str = Field(examples=["input"])
+    name: str = Field(description="Tensor name in the ONNX graph", examples=["input"])
     datatype: str = Field(description="Open Inference Protocol datatype", examples=["FP32"])
     shape: list[int] = Field(description="-1 marks a dynamic dimension", examples=[[-1, 1, 8, 8]])
 
 
 class VariantPublic(BaseModel):
-    name: str = Field(examples=["original"])
-    recipe: dict[str, Any] | None = Field(description="The recipe that produced it; null for the original")
-    parent: str | None = Field(description="The variant it was made from")
-    sha256: str = Field(description="sha256 of its ONNX file")
-    size_bytes: int = Field(description="Size of its ONNX file", examples=[21640])
-    created_at: datetime = Field(description="When it was published (UTC)")
-    report: dict[str, Any] | None = Field(description="Measured size, latency and fidelity against the original")
+    name: str = Field(description="'original', or the name a compression gave it", examples=["int8-dynamic"])
+    recipe: dict[str, Any] | None = Field(description="The recipe that produced it; null for the original",
+                                          examples=[{"steps": [{"op": "quantize", "mode": "dynamic"}]}])
+    parent: str | None = Field(description="The variant it was made from", examples=["original"])
+    sha256: str = Field(description="sha256 of its ONNX file", examples=[SHA256_EXAMPLE])
+    size_bytes: int = Field(description="Size of its ONNX file", examples=[131894])
+    created_at: datetime = Field(description="When it was published (UTC)", examples=[TIME_EXAMPLE])
+    report: dict[str, Any] | None = Field(description="Measured size, latency and fidelity against the original",
+                                          examples=[REPORT_EXAMPLE])
 
 
 class DatasetPublic(BaseModel):
-    id: str = Field(description="Dataset id (UUID), or use its name", examples=["0b6f3c2e-8d1a-4f7e-a3c5-9e2d1b7a6c40"])
-    name: str = Field(examples=["samples"])
+    id: str = Field(description="Dataset id (UUID), or use its name", examples=[DATASET_EXAMPLE["id"]])
+    name: str = Field(description="Its name, unique within the model", examples=["samples"])
     samples: int = Field(description="Number of samples (first dimension of every array)", examples=[450])
-    has_labels: bool = Field(description="It holds a `labels` array, so accuracy can be measured")
-    created_at: datetime = Field(description="When it was uploaded (UTC)")
+    has_labels: bool = Field(description="It holds a `labels` array, so accuracy can be measured", examples=[True])
+    created_at: datetime = Field(description="When it was uploaded (UTC)", examples=[TIME_EXAMPLE])
 
 
 class RoutingPublic(BaseModel):
-    default: str = Field(examples=["original"])
+    default: str = Field(description="The variant that answers unversioned requests", examples=["original"])
     canary: dict[str, Any] | None = Field(default=None, description="{variant, percent}: a share of unversioned "
                                           "requests answered by another variant", examples=[None])
     shadow: dict[str, Any] | None = Field(default=None, description="{variant, percent}: a share of requests also "
@@ -43,7 +68,7 @@ class RoutingPublic(BaseModel):
 
 
 class ModelPublic(BaseModel):
-    name: str = Field(examples=["digits"])
+    name: str = Field(description="The name it is served under", examples=["digits"])
     state: str = Field(description="ready | converting (a PyTorch upload being converted to ONNX) | failed",
                        examples=["ready"])
     error: str | None = Field(default=None, description="Why the model failed (its conversion), in words",
@@ -51,18 +76,24 @@ class ModelPublic(BaseModel):
     warnings: list[str] = Field(description="What the checks noticed without refusing the model", examples=[[]])
     format: str = Field(description="What was uploaded: onnx | torch.export | torchscript", examples=["onnx"])
     sha256: str = Field(description="sha256 of the uploaded file (a converted model's ONNX is its original "
-                                    "variant)")
-    size_bytes: int = Field(description="Size of the uploaded file")
-    created_at: datetime = Field(description="When it was uploaded (UTC)")
-    inputs: list[TensorPublic] = Field(description="Model inputs (empty while converting)")
-    outputs: list[TensorPublic] = Field(description="Model outputs (empty while converting)")
-    opset: int | None = Field(description="Version of the default ONNX operator set")
-    parameters: int | None = Field(description="Number of weights (elements of all initializers)")
-    variants: list[VariantPublic] = Field(description="'original' first, then compressed variants")
-    routing: RoutingPublic = Field(description="Which variant answers unversioned requests")
-    datasets: list[DatasetPublic] = Field(description="Datasets for calibration and measurement")
+                                    "variant)", examples=[SHA256_EXAMPLE])
+    size_bytes: int = Field(description="Size of the uploaded file", examples=[240525])
+    created_at: datetime = Field(description="When it was uploaded (UTC)", examples=[TIME_EXAMPLE])
+    inputs: list[TensorPublic] = Field(description="Model inputs (empty while converting)",
+                                       examples=[[{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]])
+    outputs: list[TensorPublic] = Field(description="Model outputs (empty while converting)",
+                                        examples=[[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]])
+    opset: int | None = Field(description="Version of the default ONNX operator set", examples=[17])
+    parameters: int | None = Field(description="Number of weights (elements of all initializers)", examples=[57116])
+    variants: list[VariantPublic] = Field(description="'original' first, then compressed variants",
+                                          examples=[[ORIGINAL_EXAMPLE, VARIANT_EXAMPLE]])
+    routing: RoutingPublic = Field(description="Which variant answers unversioned requests",
+                                   examples=[{"default": "original", "canary": None, "shadow": None}])
+    datasets: list[DatasetPublic] = Field(description="Datasets for calibration and measurement",
+                                          examples=[[DATASET_EXAMPLE]])
     capture: dict[str, Any] | None = Field(
-        default=None, description="Traffic capture: reservoir size and rows seen; null when off")
+        default=None, description="Traffic capture: reservoir size and rows seen; null when off",
+        examples=[{"samples": 1000, "seen": 5230}])
     conversion: dict[str, Any] | None = Field(
         default=None, description="PyTorch uploads: source format, state, the exporter used, dynamic axes, and the "
                                   "largest absolute difference between the ONNX model and PyTorch on the example "
@@ -71,11 +102,23 @@ class ModelPublic(BaseModel):
                    "rows_checked": 10, "dynamic_axes": {"x": [0]}, "exporter": "dynamo"}])
     shadow: dict[str, Any] = Field(
         default_factory=dict, description="Per shadow variant: requests, rows, agreement or cosine with the "
-                                          "answering variant, mean latency of each side (all processes)")
+                                          "answering variant, mean latency of each side (all processes)",
+        examples=[{"int8-static": {"requests": 120, "rows": 480, "metric": "agreement", "agreement": 0.995833,
+                                   "cosine_mean": 0.999912, "answer_latency_ms": 0.41, "shadow_latency_ms": 0.28}}])
+
+
+MODEL_EXAMPLE = {
+    "name": "digits", "state": "ready", "error": None, "warnings": [], "format": "onnx", "sha256": SHA256_EXAMPLE,
+    "size_bytes": 240525, "created_at": TIME_EXAMPLE,
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}], "opset": 17, "parameters": 57116,
+    "variants": [ORIGINAL_EXAMPLE, VARIANT_EXAMPLE], "routing": {"default": "original", "canary": None, "shadow": None},
+    "datasets": [DATASET_EXAMPLE], "capture": None, "conversion": None, "shadow": {},
+}
 
 
 class LatencyPublic(BaseModel):
-    model: str = Field(examples=["digits"])
+    model: str = Field(description="The model", examples=["digits"])
     window_seconds: float = Field(description="Requests finished in about this many last seconds (fewer right "
                                               "after a start)", examples=[300.0])
     variants: dict[str, dict[str, float | int | None]] = Field(
@@ -84,15 +127,17 @@ class LatencyPublic(BaseModel):
 
 
 class ModelsPublic(BaseModel):
-    models: list[ModelPublic] = Field(description="Every model, oldest first")
+    models: list[ModelPublic] = Field(description="Every model, oldest first; each as GET /models/{name} gives "
+                                                  "it", examples=[[MODEL_EXAMPLE]])
 
 
 class DatasetsPublic(BaseModel):
-    datasets: list[DatasetPublic] = Field(description="The model's datasets")
+    datasets: list[DatasetPublic] = Field(description="The model's datasets", examples=[[DATASET_EXAMPLE]])
 
 
 class VariantsPublic(BaseModel):
-    variants: list[VariantPublic] = Field(description="'original' first")
+    variants: list[VariantPublic] = Field(description="'original' first",
+                                          examples=[[ORIGINAL_EXAMPLE, VARIANT_EXAMPLE]])
 
 
 def variant_public(row: VariantRow) -> VariantPublic:
@@ -140,16 +185,18 @@ class RoutingUpdate(BaseModel):
 
 
 class BatchingUpdate(BaseModel):
-    enabled: bool = Field(default=True, description="Stack concurrent requests into one onnxruntime call")
-    max_batch_size: int = Field(default=64, ge=1, le=4096, description="Rows per call at most")
-    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000, description=(
+    enabled: bool = Field(default=True, description="Stack concurrent requests into one onnxruntime call",
+                          examples=[True])
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="Rows per call at most", examples=[64])
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000, examples=[2.0], description=(
         "How long a request may wait for others when the model is idle; 0 batches only what queues up while "
         "the model is busy, so low load pays no latency"))
 
 
 class SessionUpdate(BaseModel):
-    intra_op_threads: int | None = Field(default=None, ge=0, le=256, description=(
+    intra_op_threads: int | None = Field(default=None, ge=0, le=256, examples=[2], description=(
         "onnxruntime intra-op threads for this variant (null: the server's SLIMSERVE_INTRA_OP_THREADS)"))
     graph_optimization_level: Literal["disabled", "basic", "extended", "all"] = Field(
-        default="all", description="onnxruntime graph optimizations when the session opens; the optimized graph "
-                                   "is cached on disk so the next start opens it directly")
+        default="all", examples=["all"],
+        description="onnxruntime graph optimizations when the session opens; the optimized graph is cached on disk "
+                    "so the next start opens it directly")

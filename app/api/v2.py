@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from app.api.body import read_body
-from app.api.deps import Reader, Services, ServicesDep
+from app.api.deps import ModelName, Reader, Services, ServicesDep, VariantName
 from app.api.predictions import v2_infer
 from app.api.responses import OrjsonResponse
 
@@ -22,13 +22,24 @@ _INFER_DOC: dict[str, Any] = {
                        "extension) when the Inference-Header-Content-Length header is set.",
         "content": {
             "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-                "id": {"type": "string"},
-                "inputs": {"type": "array", "items": {"type": "object", "properties": {
-                    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
-                    "datatype": {"type": "string", "example": "FP32"}, "data": {"type": "array", "items": {}},
-                    "parameters": {"type": "object"}}}},
-                "outputs": {"type": "array", "items": {"type": "object"}},
-                "parameters": {"type": "object"}},
+                "id": {"type": "string", "description": "Echoed in the response", "example": "req-42"},
+                "inputs": {"type": "array", "description": "One entry per model input", "example": [
+                    {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}],
+                    "items": {"type": "object", "properties": {
+                        "name": {"type": "string", "description": "The model input", "example": "input"},
+                        "shape": {"type": "array", "items": {"type": "integer"}, "description": "Its shape",
+                                  "example": [1, 64]},
+                        "datatype": {"type": "string", "description": "Open Inference Protocol datatype",
+                                     "example": "FP32"},
+                        "data": {"type": "array", "items": {}, "description": "The values, flat or nested, "
+                                 "row-major (absent when sent as binary)", "example": [0.0, 0.5, 1.0]},
+                        "parameters": {"type": "object", "description": "binary_data_size: its bytes follow the "
+                                       "JSON header", "example": {"binary_data_size": 256}}}}},
+                "outputs": {"type": "array", "items": {"type": "object"}, "description": "Which outputs, and "
+                            "whether each comes back as binary (default: all, as JSON)",
+                            "example": [{"name": "logits", "parameters": {"binary_data": True}}]},
+                "parameters": {"type": "object", "description": "binary_data_output: every output as binary",
+                               "example": {"binary_data_output": False}}},
             }, "example": {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -74,26 +85,27 @@ async def ready(request: Request) -> OrjsonResponse:
 
 
 @router.get("/v2/models/{name}")
-async def model_metadata(name: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+async def model_metadata(name: ModelName, services: ServicesDep, _key: Reader) -> OrjsonResponse:
     """Inputs, outputs and versions (variants) of a model."""
     return OrjsonResponse(await services.inference.describe(name, None))
 
 
 @router.get("/v2/models/{name}/versions/{variant}")
-async def variant_metadata(name: str, variant: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+async def variant_metadata(name: ModelName, variant: VariantName, services: ServicesDep,
+                           _key: Reader) -> OrjsonResponse:
     """Metadata of one variant."""
     return OrjsonResponse(await services.inference.describe(name, variant))
 
 
 @router.get("/v2/models/{name}/ready")
-async def model_ready(name: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+async def model_ready(name: ModelName, services: ServicesDep, _key: Reader) -> OrjsonResponse:
     """200 when the model can serve predictions."""
     await services.inference.describe(name, None)
     return OrjsonResponse({"name": name, "ready": True})
 
 
 @router.get("/v2/models/{name}/versions/{variant}/ready")
-async def variant_ready(name: str, variant: str, services: ServicesDep, _key: Reader) -> OrjsonResponse:
+async def variant_ready(name: ModelName, variant: VariantName, services: ServicesDep, _key: Reader) -> OrjsonResponse:
     """200 when the variant can serve predictions."""
     await services.inference.describe(name, variant)
     return OrjsonResponse({"name": name, "version": variant, "ready": True})
@@ -108,12 +120,12 @@ async def _infer(request: Request, name: str, variant: str | None) -> Response:
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_DOC)
-async def infer(request: Request, name: str) -> Response:
+async def infer(request: Request, name: ModelName) -> Response:
     """Run the model; routing picks the variant."""
     return await _infer(request, name, None)
 
 
 @router.post("/v2/models/{name}/versions/{variant}/infer", openapi_extra=_INFER_DOC)
-async def infer_variant(request: Request, name: str, variant: str) -> Response:
+async def infer_variant(request: Request, name: ModelName, variant: VariantName) -> Response:
     """Run one variant, whatever the routing says."""
     return await _infer(request, name, variant)
