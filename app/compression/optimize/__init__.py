@@ -22,13 +22,13 @@ import onnx
 import onnxruntime as ort
 
 from app.compression import graph
-from app.compression._optimize_transformer import TransformerFusions
-from app.compression._quant_graph import op_counts, prune_opsets
-from app.compression._quant_measure import Fidelity, Reference, latency, sample_data
 from app.compression.config import OptimizeStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData
 from app.compression.errors import InvalidRecipe, StepFailed
+from app.compression.optimize.transformer import TransformerFusions
+from app.compression.quantize.weights import op_counts, prune_opsets
+from app.compression.scoring import Fidelity, Reference, latency, sample_data
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}

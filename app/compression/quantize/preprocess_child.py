@@ -1,6 +1,6 @@
 """Child-process entry for onnxruntime's `quant_pre_process`; run as a script, so it imports nothing from `app`.
 
-Usage: python -P _quant_preprocess_child.py INPUT OUTPUT [--skip-symbolic-shape]
+Usage: python -P preprocess_child.py INPUT OUTPUT [--skip-symbolic-shape]
 """
 
 from __future__ import annotations

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from app.compression import _quant_static, graph, optimize, quantize
+from app.compression import graph, optimize, quantize
 from app.compression.config import OptimizeStep, QuantizeStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData
 from app.compression.errors import Cancelled, DataRequired, UnsupportedModel
 from app.compression.progress import CancelToken, StepProgress
+from app.compression.quantize import static as quantize_static
 from tests.helpers import CNN, MLP, TRANSFORMER
 
 MakeCtx = Callable[..., StepContext]
@@ -131,7 +132,7 @@ def test_static_retries_with_sensitive_ops_in_float_when_fidelity_drops(
     tmp_path: Path, make_ctx: MakeCtx, transformer_data: ModelData, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A target no 8-bit model meets, to walk the whole ladder on a small model.
-    monkeypatch.setattr(_quant_static, "MIN_COSINE", 0.9999999)
+    monkeypatch.setattr(quantize_static, "MIN_COSINE", 0.9999999)
     _, notes = _quantize(TRANSFORMER, tmp_path, make_ctx(TRANSFORMER, transformer_data), mode="static")
 
     names = [a["attempt"] for a in notes["attempts"]]

@@ -2,7 +2,7 @@
 
 Unstructured pruning keeps every shape: on a CPU the zeros pay off only in compressed size. Structured pruning
 really shrinks Conv output channels and Linear output neurons, and with them every tensor and constant that
-depends on them (see `_prune_deps` for the dependency analysis and what it refuses to touch).
+depends on them (see `prune.deps` for the dependency analysis and what it refuses to touch).
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from onnx import TensorProto, numpy_helper
 
 from app.compression import data as model_data
 from app.compression import graph
-from app.compression._prune_apply import (
+from app.compression.config import PruneStep
+from app.compression.context import StepContext
+from app.compression.data import ModelData
+from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, UnsupportedModel
+from app.compression.prune.apply import (
     Group,
     choose,
     groups,
@@ -27,13 +31,9 @@ from app.compression._prune_apply import (
     refresh_shapes,
     rewrite,
 )
-from app.compression._prune_deps import Analysis
-from app.compression._prune_importance import TAYLOR_SAMPLES, latency, norms, taylor, top1_accuracy
-from app.compression._prune_reshape import analyze
-from app.compression.config import PruneStep
-from app.compression.context import StepContext
-from app.compression.data import ModelData
-from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, UnsupportedModel
+from app.compression.prune.deps import Analysis
+from app.compression.prune.importance import TAYLOR_SAMPLES, latency, norms, taylor, top1_accuracy
+from app.compression.prune.reshape import analyze
 
 # Inputs of each op that hold weights for unstructured pruning (biases and normalization parameters never do).
 _WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}

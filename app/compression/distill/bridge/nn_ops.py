@@ -13,7 +13,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from app.compression._torch_ops import Inputs, Node, OpFn, Tensor, axes_from, ints, need, optional_input, register
+from app.compression.distill.bridge.ops import (
+    Inputs,
+    Node,
+    OpFn,
+    Tensor,
+    axes_from,
+    ints,
+    need,
+    optional_input,
+    register,
+)
 
 NN_OPS: dict[str, OpFn] = {}
 

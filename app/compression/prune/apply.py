@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from app.compression._prune_deps import Analysis, Shape
+from app.compression.prune.deps import Analysis, Shape
 
 
 @dataclass

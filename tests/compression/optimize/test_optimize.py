@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from app.compression import graph, optimize
-from app.compression._optimize_attention import fuse_attention
 from app.compression.config import OptimizeStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData
+from app.compression.optimize.attention import fuse_attention
 from tests.helpers import CNN, TRANSFORMER
 
 MakeCtx = Callable[..., StepContext]

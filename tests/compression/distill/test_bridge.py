@@ -11,9 +11,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from app.compression.data import ModelData
+from app.compression.distill.bridge import OnnxModule, supported_ops, write_back
 from app.compression.errors import UnsupportedModel
 from app.compression.graph import session
-from app.compression.torch_bridge import OnnxModule, supported_ops, write_back
 from tests.helpers import CNN, MLP, TRANSFORMER
 
 RNG = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 
 from app.compression import graph
-from app.compression._prune_deps import Producer
 from app.compression.data import ModelData, feeds_per_batch
 from app.compression.errors import InvalidRecipe
+from app.compression.prune.deps import Producer
 
 TAYLOR_SAMPLES = 256
 _TAYLOR_BATCH = 64
@@ -47,7 +47,7 @@ def taylor(model: onnx.ModelProto, producers: list[Producer], data: ModelData,
         import torch
         from torch.nn import functional
 
-        from app.compression.torch_bridge import OnnxModule
+        from app.compression.distill.bridge import OnnxModule
         module = OnnxModule(model, trainable={p.weight for p in producers})
     except Exception as exc:
         raise InvalidRecipe(f"importance 'taylor' needs gradients, and the training bridge cannot run this model "

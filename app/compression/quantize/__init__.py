@@ -16,14 +16,14 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from app.compression import graph
-from app.compression._quant_fp16 import run_fp16
-from app.compression._quant_graph import gemm_to_matmul, op_types, quantized_counts, weighted_nodes
-from app.compression._quant_measure import Fidelity, Reference, sample_data, size_notes
-from app.compression._quant_preprocess import preprocess
-from app.compression._quant_static import run_static
 from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
 from app.compression.errors import InvalidRecipe, UnsupportedModel
+from app.compression.quantize.fp16 import run_fp16
+from app.compression.quantize.preprocess import preprocess
+from app.compression.quantize.static import run_static
+from app.compression.quantize.weights import gemm_to_matmul, op_types, quantized_counts, weighted_nodes
+from app.compression.scoring import Fidelity, Reference, sample_data, size_notes
 
 # Op types with an integer kernel in dynamic mode (onnxruntime's IntegerOpsRegistry), plus Gemm, which we
 # rewrite to MatMul + Add first because that registry has no Gemm.

@@ -14,20 +14,20 @@ from onnxruntime.quantization.registry import QDQRegistry
 
 from app.compression import data as model_data
 from app.compression import graph
-from app.compression._quant_calibrate import (
+from app.compression.config import QuantizeStep
+from app.compression.context import StepContext
+from app.compression.data import ModelData
+from app.compression.errors import DataRequired, UnsupportedModel
+from app.compression.quantize.calibrate import (
     CALIBRATION_SAMPLES,
     METHODS,
     calibrate,
     calibration_feeds,
     nonfinite_tensors,
 )
-from app.compression._quant_graph import constant_names, nonfinite_constant_consumers, quantized_counts
-from app.compression._quant_measure import Fidelity, Reference
-from app.compression._quant_preprocess import preprocess
-from app.compression.config import QuantizeStep
-from app.compression.context import StepContext
-from app.compression.data import ModelData
-from app.compression.errors import DataRequired, UnsupportedModel
+from app.compression.quantize.preprocess import preprocess
+from app.compression.quantize.weights import constant_names, nonfinite_constant_consumers, quantized_counts
+from app.compression.scoring import Fidelity, Reference
 
 # An attempt below either threshold (against the input model, on the calibration samples) triggers the next.
 MIN_COSINE = 0.99

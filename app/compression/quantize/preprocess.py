@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_CHILD = Path(__file__).with_name("_quant_preprocess_child.py")
+_CHILD = Path(__file__).with_name("preprocess_child.py")
 _POLL_SECONDS = 0.25
 
 
@@ -51,7 +51,7 @@ def _run_child(model: Path, output: Path, workdir: Path, flags: list[str],
     scratch = Path(tempfile.mkdtemp(prefix="preprocess-", dir=workdir))
     env = {**os.environ, "TMPDIR": str(scratch), "TEMP": str(scratch), "TMP": str(scratch)}
     log = scratch / "stderr.txt"
-    # -P: the script's folder (app/compression) must not shadow top-level modules in the child.
+    # -P: the script's folder (app/compression/quantize) must not shadow top-level modules in the child.
     command = [sys.executable, "-P", str(_CHILD), str(model.resolve()), str(output.resolve()), *flags]
     with log.open("wb") as stderr:
         child = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL,

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from app.compression._torch_nn_ops import NN_OPS
-from app.compression._torch_ops import Inputs, Node, OpFn, Tensor, need, optional_input, register
+from app.compression.distill.bridge.nn_ops import NN_OPS
+from app.compression.distill.bridge.ops import Inputs, Node, OpFn, Tensor, need, optional_input, register
 
 DOMAIN = "com.microsoft"
 MS_OPS: dict[str, OpFn] = {}

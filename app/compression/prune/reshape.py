@@ -1,5 +1,5 @@
 """Channel-dependency rules for ops that move, merge, reduce or normalize axes: Flatten, Reshape, Transpose, Concat,
-Squeeze/Unsqueeze, Reduce*, LayerNormalization and Softmax. Linear layers and position-wise ops are in `_prune_deps`."""
+Squeeze/Unsqueeze, Reduce*, LayerNormalization and Softmax. Linear layers and position-wise ops are in `deps`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import onnx
 
-from app.compression._prune_deps import Analysis, AnalyzerCore, Layout, Shape, ShapeEdit, attr
+from app.compression.prune.deps import Analysis, AnalyzerCore, Layout, Shape, ShapeEdit, attr
 
 
 class Analyzer(AnalyzerCore):

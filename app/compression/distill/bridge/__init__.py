@@ -22,10 +22,10 @@ import torch
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from torch import nn
 
-from app.compression import _torch_ms_ops
-from app.compression._torch_ms_ops import MS_OPS
-from app.compression._torch_nn_ops import NN_OPS, problems
-from app.compression._torch_ops import OPS, TORCH_DTYPES, Node, OpFn, Tensor, compute_dtype
+from app.compression.distill.bridge import ms_ops
+from app.compression.distill.bridge.ms_ops import MS_OPS
+from app.compression.distill.bridge.nn_ops import NN_OPS, problems
+from app.compression.distill.bridge.ops import OPS, TORCH_DTYPES, Node, OpFn, Tensor, compute_dtype
 from app.compression.errors import UnsupportedModel
 
 _ALL_OPS: dict[str, OpFn] = {**OPS, **NN_OPS, **MS_OPS}
@@ -190,7 +190,7 @@ def _check_supported(graph: onnx.GraphProto, opset: int) -> None:
         elif node.key == "Cast" and int(node.attr("to", 0)) not in TORCH_DTYPES:
             missing.add(f"Cast(to={helper.tensor_dtype_to_string(int(node.attr('to', 0)))})")
         else:
-            reason = _torch_ms_ops.problems(node) if node.domain == _torch_ms_ops.DOMAIN else problems(node)
+            reason = ms_ops.problems(node) if node.domain == ms_ops.DOMAIN else problems(node)
             if reason:
                 missing.add(reason)
     for tensor in graph.initializer:

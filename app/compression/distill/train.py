@@ -1,7 +1,7 @@
 """Knowledge distillation: train a student (this recipe's model, or another upload) on the original's outputs.
 
 The teacher is always the uploaded original, run with onnxruntime. The student is turned into a trainable torch
-module by `torch_bridge`, trained with Adam on the teacher's outputs (soft targets for classifiers, a normalized
+module by `distill.bridge`, trained with Adam on the teacher's outputs (soft targets for classifiers, a normalized
 MSE for anything else), early-stopped on a held-out slice of the training data, and written back into its own
 graph: the exported model has exactly the student's structure, only its weights change.
 """
@@ -26,9 +26,9 @@ from app.compression import graph
 from app.compression.config import DistillStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData, feeds_per_batch
+from app.compression.distill.bridge import OnnxModule, write_back
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, StepFailed, UnsupportedModel
 from app.compression.evaluate import FEATURE_NAMES
-from app.compression.torch_bridge import OnnxModule, write_back
 
 Tensor = torch.Tensor
 

@@ -11,11 +11,11 @@ import onnxruntime as ort
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from app.compression import graph
-from app.compression._quant_graph import op_types, toposort
-from app.compression._quant_measure import Fidelity, Reference, sample_data
 from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
 from app.compression.errors import StepFailed, UnsupportedModel
+from app.compression.quantize.weights import op_types, toposort
+from app.compression.scoring import Fidelity, Reference, sample_data
 
 # FP16 keeps ~3 significant digits: below these (against the input model) the next attempt blocks more ops.
 MIN_COSINE = 0.999
