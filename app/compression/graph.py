@@ -1,7 +1,9 @@
-"""ONNX model plumbing shared by every step: load/save, tensor info, sessions, and the per-step check."""
+"""ONNX model plumbing shared by every step: load/save, tensor info, sessions, graph walks, the per-step check."""
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,3 +113,73 @@ def describe_tensors(tensors: list[TensorInfo]) -> str:
 def _first_line(exc: object) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type; contrib ops keep their domain so `FusedConv` is not taken for `Conv`."""
+    counts = Counter(f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                     for n in model.graph.node)
+    return dict(sorted(counts.items()))
+
+
+def op_types(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.initializer}
+    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes producer-first, otherwise keeping their order (some converters append Casts at the end)."""
+    nodes = list(graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    waits_on = [{producer[name] for name in node.input if name in producer} - {index}
+                for index, node in enumerate(nodes)]
+    consumers: dict[int, list[int]] = {}
+    for index, deps in enumerate(waits_on):
+        for dep in deps:
+            consumers.setdefault(dep, []).append(index)
+    pending = [len(deps) for deps in waits_on]
+    ready = [index for index, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for consumer in consumers.get(index, []):
+            pending[consumer] -= 1
+            if pending[consumer] == 0:
+                heapq.heappush(ready, consumer)
+    placed = set(order)
+    order.extend(i for i in range(len(nodes)) if i not in placed)  # a cycle: leave it for the checker to name
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def prune_opsets(model: onnx.ModelProto) -> None:
+    """Keep only the opset imports that nodes use: onnxruntime's saved graphs declare every domain it knows."""
+    used = {n.domain or "" for n in _all_nodes(model)} | {""}
+    used.update(f.domain for f in model.functions)
+    kept = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    nodes: list[onnx.NodeProto] = []
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            nodes.append(node)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attr.graphs)
+    for function in model.functions:
+        nodes.extend(function.node)
+    return nodes

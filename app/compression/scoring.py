@@ -43,6 +43,10 @@ class Fidelity:
                 "max_abs_error": float(f"{self.max_abs_error:.4g}")}
 
 
+def fidelity_dict(fidelity: Fidelity | None) -> dict[str, Any] | None:
+    return fidelity.as_dict() if fidelity is not None else None
+
+
 def sample_data(model: Path, ctx: StepContext, samples: int = MEASURE_SAMPLES) -> ModelData | None:
     """The step's shaping samples, or generated ones when every input is float; None when neither exists."""
     if ctx.train is not None:

@@ -26,8 +26,8 @@ from app.compression.config import OptimizeStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData
 from app.compression.errors import InvalidRecipe, StepFailed
+from app.compression.graph import op_counts, prune_opsets
 from app.compression.optimize.transformer import TransformerFusions
-from app.compression.quantize.weights import op_counts, prune_opsets
 from app.compression.scoring import Fidelity, Reference, latency, sample_data
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

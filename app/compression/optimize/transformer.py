@@ -19,8 +19,8 @@ from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
 from app.compression import graph
+from app.compression.graph import op_counts, prune_opsets
 from app.compression.optimize.attention import Fused, fuse_attention
-from app.compression.quantize.weights import op_counts, prune_opsets
 
 # family -> (FusionOptions switches, op types that show it fired)
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -6,31 +6,20 @@ was quantized, what stayed float and why, the options chosen and the fidelity me
 
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
-
 from app.compression import graph
 from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
-from app.compression.errors import InvalidRecipe, UnsupportedModel
+from app.compression.errors import InvalidRecipe
+from app.compression.quantize.dynamic import run_dynamic
 from app.compression.quantize.fp16 import run_fp16
-from app.compression.quantize.preprocess import preprocess
+from app.compression.quantize.int4 import run_int4
 from app.compression.quantize.static import run_static
-from app.compression.quantize.weights import gemm_to_matmul, op_types, quantized_counts, weighted_nodes
-from app.compression.scoring import Fidelity, Reference, sample_data, size_notes
-
-# Op types with an integer kernel in dynamic mode (onnxruntime's IntegerOpsRegistry), plus Gemm, which we
-# rewrite to MatMul + Add first because that registry has no Gemm.
-DYNAMIC_OPS = {"MatMul", "Gemm", "Conv", "Attention", "LSTM", "Gather", "EmbedLayerNormalization", "Transpose"}
-_WEIGHT_OPS = {"MatMul", "Conv", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"}
-CONV_REASON = "integer Conv (ConvInteger) runs 5-7x slower than FP32 Conv on this CPU; add 'Conv' to op_types to force"
-INT4_OPS = {"MatMul", "Gather"}
+from app.compression.scoring import size_notes
 
 
 def run(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict[str, Any]:
@@ -50,122 +39,6 @@ def run(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict
     return {"mode": step.mode, **notes, **size_notes(model, output)}
 
 
-def _dynamic(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict[str, Any]:
-    pre = ctx.workdir / "preprocessed.onnx"
-    notes: dict[str, Any] = preprocess(model, pre, ctx.workdir, ctx.progress)
-    proto = graph.load(pre)
-    kinds, skipped = _dynamic_op_types(proto, step)
-    rewritten = gemm_to_matmul(proto) if "Gemm" in kinds else []
-    quantize_kinds = sorted((set(kinds) - {"Gemm"}) | ({"MatMul"} if rewritten else set()))
-    if not weighted_nodes(proto, _WEIGHT_OPS & set(quantize_kinds)):
-        raise UnsupportedModel(
-            "dynamic quantization found no layer with constant weights among "
-            f"{', '.join(kinds) or 'the requested op types'}; this model has {', '.join(sorted(op_types(proto)))}")
-    prepared = graph.save(proto, ctx.workdir / "prepared.onnx")
-    ctx.progress(0.2, "quantizing")
-    choice = _per_channel_choice(model, prepared, quantize_kinds, step, ctx)
-    graph.save(graph.load(choice.pop("path")), output)
-    notes.update({
-        "weight_type": "int8", "activation_type": "uint8 (quantized at run time)",
-        "op_types_quantized": quantize_kinds, "op_types_skipped": skipped,
-        "gemm_rewritten_to_matmul": len(rewritten), **choice, **quantized_counts(graph.load(output)),
-    })
-    return notes
-
-
-def _dynamic_op_types(proto: onnx.ModelProto, step: QuantizeStep) -> tuple[list[str], dict[str, str]]:
-    present = op_types(proto)
-    if step.op_types is not None:
-        unknown = sorted(set(step.op_types) - DYNAMIC_OPS)
-        if unknown:
-            raise InvalidRecipe(f"dynamic quantization cannot quantize {', '.join(unknown)}; "
-                                f"it quantizes {', '.join(sorted(DYNAMIC_OPS))}")
-        return sorted(present & set(step.op_types)), {}
-    if "Conv" in present:
-        return sorted(present & {"MatMul", "Gemm"}), {"Conv": CONV_REASON}
-    return sorted(present & DYNAMIC_OPS), {}
-
-
-def _quantize_dynamic(source: Path, target: Path, kinds: list[str], per_channel: bool) -> Path:
-    quantize_dynamic(str(source), str(target), op_types_to_quantize=kinds, per_channel=per_channel,
-                     weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
-    return target
-
-
-def _per_channel_choice(model: Path, prepared: Path, kinds: list[str], step: QuantizeStep,
-                        ctx: StepContext) -> dict[str, Any]:
-    """Quantize per-tensor and per-channel and keep the more faithful, unless the recipe chose."""
-    data = sample_data(model, ctx)
-    reference = Reference(model, data, ctx.threads) if data is not None else None
-    options = [step.per_channel] if step.per_channel is not None else [False, True]
-    results: dict[bool, tuple[Path, Fidelity | None]] = {}
-    for index, per_channel in enumerate(options):
-        ctx.progress(0.2 + 0.35 * index, f"quantizing ({'per-channel' if per_channel else 'per-tensor'})")
-        path = _quantize_dynamic(prepared, ctx.workdir / f"dynamic-{per_channel}.onnx", kinds, per_channel)
-        results[per_channel] = (path, reference.measure(path) if reference is not None else None)
-    if len(results) == 1:
-        chosen, reason = options[0], "set by the recipe"
-    elif reference is None:
-        chosen, reason = False, "not measured: no dataset, and inputs that cannot be generated; per-tensor"
-    else:
-        # On a tie per-tensor wins: fewer scales, and the faster kernel.
-        chosen = _score(results[True][1]) > _score(results[False][1])
-        reason = "more faithful on " + ("the dataset" if data is not None and data.source == "dataset"
-                                        else "generated inputs")
-    return {
-        "path": results[chosen][0], "per_channel": chosen, "per_channel_reason": reason,
-        "fidelity": _as_dict(results[chosen][1]),
-        "per_channel_measurements": {("per_channel" if k else "per_tensor"): _as_dict(v[1])
-                                     for k, v in results.items()},
-        "fidelity_data": None if data is None else {"source": data.source, "samples": len(data)},
-    }
-
-
-def _int4(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict[str, Any]:
-    proto = graph.load(model)
-    kinds = sorted(set(step.op_types or ["MatMul"]))
-    if set(kinds) - INT4_OPS:
-        raise InvalidRecipe(f"int4 quantizes MatMul (and Gather) weights only, not {', '.join(set(kinds) - INT4_OPS)}")
-    targets = weighted_nodes(proto, set(kinds))
-    if not [n for n in targets if n.op_type == "MatMul"] and not ("Gather" in kinds and targets):
-        gemms = sum(1 for n in proto.graph.node if n.op_type == "Gemm")
-        hint = f" (its {gemms} Gemm layers are not converted: use mode 'dynamic' or 'static')" if gemms else ""
-        raise UnsupportedModel(f"int4 needs MatMul layers with constant weights; this model has none{hint}")
-    ctx.progress(0.2, "quantizing weights to 4 bits")
-    quantizer = _nbits_quantizer()(proto, bits=4, block_size=step.block_size, is_symmetric=True,
-                                     op_types_to_quantize=tuple(kinds))
-    quantizer.process()
-    graph.save(quantizer.model.model, output)
-    data = sample_data(model, ctx)
-    ctx.progress(0.8, "measuring fidelity")
-    fidelity = Reference(model, data, ctx.threads).measure(output) if data is not None else None
-    return {
-        "op_types_quantized": kinds, "block_size": step.block_size, "symmetric": True, "bits": 4,
-        "preprocessing": None, "preprocessing_reason": "weight-only: needs no shapes or calibration",
-        "weights_candidate": len(targets), **quantized_counts(graph.load(output)),
-        "fidelity": _as_dict(fidelity),
-        "fidelity_data": None if data is None else {"source": data.source, "samples": len(data)},
-    }
-
-
-def _nbits_quantizer() -> Any:
-    """Imported on first use, undoing its import-time `logging.basicConfig(level=INFO)`.
-
-    In a process that has not configured logging, that call would turn on INFO logging process-wide (one line
-    per node from every quantizer); in one that has, it does nothing and neither do we.
-    """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    return MatMulNBitsQuantizer
-
-
 def _static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict[str, Any]:
     notes = run_static(model, ctx.workdir / "static.onnx", step, ctx)
     graph.save(graph.load(ctx.workdir / "static.onnx"), output)
@@ -178,14 +51,6 @@ def _fp16(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> di
     return notes
 
 
-def _score(fidelity: Fidelity | None) -> tuple[float, float]:
-    return fidelity.score() if fidelity is not None else (-1.0, -1.0)
-
-
-def _as_dict(fidelity: Fidelity | None) -> dict[str, Any] | None:
-    return fidelity.as_dict() if fidelity is not None else None
-
-
 _MODES: dict[str, Callable[[Path, Path, QuantizeStep, StepContext], dict[str, Any]]] = {
-    "dynamic": _dynamic, "static": _static, "fp16": _fp16, "int4": _int4,
+    "dynamic": run_dynamic, "static": _static, "fp16": _fp16, "int4": run_int4,
 }

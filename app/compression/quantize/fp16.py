@@ -14,8 +14,8 @@ from app.compression import graph
 from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
 from app.compression.errors import StepFailed, UnsupportedModel
-from app.compression.quantize.weights import op_types, toposort
-from app.compression.scoring import Fidelity, Reference, sample_data
+from app.compression.graph import op_types, toposort
+from app.compression.scoring import Fidelity, Reference, fidelity_dict, sample_data
 
 # FP16 keeps ~3 significant digits: below these (against the input model) the next attempt blocks more ops.
 MIN_COSINE = 0.999
@@ -49,8 +49,9 @@ def run_fp16(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) ->
         "op_types_kept_float32": sorted(blocked & present),
         "float16_initializers": sum(i.data_type == onnx.TensorProto.FLOAT16 for i in result.graph.initializer),
         "float32_initializers": sum(i.data_type == onnx.TensorProto.FLOAT for i in result.graph.initializer),
-        "attempts": [{"op_types_kept_float32": sorted(b & present), "fidelity": _as_dict(f)} for _, b, f in attempts],
-        "fidelity": _as_dict(fidelity),
+        "attempts": [{"op_types_kept_float32": sorted(b & present), "fidelity": fidelity_dict(f)}
+                     for _, b, f in attempts],
+        "fidelity": fidelity_dict(fidelity),
         "fidelity_data": None if data is None else {"source": data.source, "samples": len(data)},
         "cpu_runs_in_float32": sorted(_cpu_float32_ops(output, ctx.workdir)),
         "cpu_note": "onnxruntime's CPU provider has no float16 kernel for these ops; it casts around them at load "
@@ -89,6 +90,3 @@ def _cpu_float32_ops(path: Path, workdir: Path) -> set[str]:
              and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute) for o in n.output}
     return {n.op_type for n in loaded.graph.node if n.op_type != "Cast" and casts & set(n.input)}
 
-
-def _as_dict(fidelity: Fidelity | None) -> dict[str, Any] | None:
-    return fidelity.as_dict() if fidelity is not None else None

@@ -18,6 +18,7 @@ from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData
 from app.compression.errors import DataRequired, UnsupportedModel
+from app.compression.graph import constant_names
 from app.compression.quantize.calibrate import (
     CALIBRATION_SAMPLES,
     METHODS,
@@ -26,7 +27,7 @@ from app.compression.quantize.calibrate import (
     nonfinite_tensors,
 )
 from app.compression.quantize.preprocess import preprocess
-from app.compression.quantize.weights import constant_names, nonfinite_constant_consumers, quantized_counts
+from app.compression.quantize.weights import nonfinite_constant_consumers, quantized_counts
 from app.compression.scoring import Fidelity, Reference
 
 # An attempt below either threshold (against the input model, on the calibration samples) triggers the next.

@@ -1,0 +1,53 @@
+"""Notes both pruning modes report: parameters, sizes, accuracy before recovery, latency."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+from app.compression import data as model_data
+from app.compression import graph
+from app.compression.context import StepContext
+from app.compression.errors import CompressionError, DataRequired, InvalidRecipe
+from app.compression.prune.importance import latency, top1_accuracy
+
+ACCURACY_SAMPLES = 2048
+
+
+def parameter_notes(before: tuple[int, int], after: tuple[int, int]) -> dict[str, Any]:
+    return {"parameters_before": before[0], "parameters_after": after[0],
+            "nonzero_parameters_before": before[1], "nonzero_parameters_after": after[1]}
+
+
+def size_notes(model: Path, output: Path) -> dict[str, Any]:
+    raw_before, raw_after = model.read_bytes(), output.read_bytes()
+    gzip_before, gzip_after = (len(gzip.compress(raw, compresslevel=6)) for raw in (raw_before, raw_after))
+    return {"size_bytes": {"original": len(raw_before), "pruned": len(raw_after)},
+            "gzip_bytes": {"original": gzip_before, "pruned": gzip_after},
+            "gzip_ratio": round(gzip_after / gzip_before, 4)}
+
+
+def accuracy_notes(model: Path, output: Path, ctx: StepContext) -> dict[str, Any] | None:
+    """Top-1 on the labelled shaping data, before any recovery training (None without labels)."""
+    data = ctx.train.take(ACCURACY_SAMPLES) if ctx.train is not None else None
+    before = top1_accuracy(model, data, ctx.threads)
+    if before is None or data is None:
+        return None
+    return {"original": before, "pruned": top1_accuracy(output, data, ctx.threads),
+            "samples": len(data), "data": "the step's shaping data"}
+
+
+def latency_notes(model: Path, output: Path, ctx: StepContext) -> dict[str, Any] | None:
+    data = ctx.train
+    if data is None:
+        try:
+            data = model_data.synthetic(graph.io_info(model)[0], seed=ctx.seed, samples=32)
+        except (DataRequired, InvalidRecipe):
+            return None  # integer inputs without a declared range: nothing meaningful to time on
+    try:
+        return latency(model, output, data, ctx.threads)
+    except CompressionError:
+        raise
+    except Exception:  # a timing is a nicety; the model itself was already checked
+        return None
