@@ -26,7 +26,7 @@ from app.compression import graph
 from app.compression.config import DistillStep
 from app.compression.context import StepContext
 from app.compression.data import ModelData, feeds_per_batch
-from app.compression.distill.bridge import OnnxModule, write_back
+from app.compression.distill.bridge.module import OnnxModule, write_back
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, StepFailed, UnsupportedModel
 from app.compression.evaluate import FEATURE_NAMES
 

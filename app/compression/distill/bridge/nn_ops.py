@@ -13,40 +13,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from app.compression.distill.bridge.ops import (
-    Inputs,
-    Node,
-    OpFn,
-    Tensor,
-    axes_from,
-    ints,
-    need,
-    optional_input,
-    register,
-)
+from app.compression.distill.bridge.coverage import Node
+from app.compression.distill.bridge.ops import Inputs, OpFn, Tensor, axes_from, ints, need, optional_input, register
 
 NN_OPS: dict[str, OpFn] = {}
 
 
 def nn_op(*names: str) -> Callable[[OpFn], OpFn]:
     return register(NN_OPS, *names)
-
-
-def problems(node: Node) -> str | None:
-    """A reason the bridge cannot run this node although it knows its op type, or None."""
-    if node.op_type == "BatchNormalization" and node.attr("training_mode", 0):
-        return "BatchNormalization(training_mode=1)"
-    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1]:
-        return "MaxPool(with indices)"
-    if node.op_type == "AveragePool" and any(d != 1 for d in node.attr("dilations", [])):
-        return "AveragePool(dilations)"
-    if node.op_type == "Pad" and node.attr("mode", "constant") not in ("constant", "reflect", "edge", "wrap"):
-        return f"Pad(mode={node.attr('mode')})"
-    if node.op_type in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
-        kernel = node.attr("kernel_shape")
-        if kernel is not None and not 1 <= len(kernel) <= 3:
-            return f"{node.op_type}({len(kernel)}-D)"
-    return None
 
 
 # ---- padding helpers ---------------------------------------------------------------------------------------------
@@ -241,6 +215,34 @@ def _layer_norm(node: Node, xs: Inputs) -> list[Tensor]:
     return [y, mean, inv_std][:len(node.outputs)]
 
 
+@nn_op("SimplifiedLayerNormalization")
+def _rms_norm(node: Node, xs: Inputs) -> list[Tensor]:
+    x, scale = need(xs[0]), need(xs[1])
+    dims = list(range(int(node.attr("axis", -1)) % x.dim(), x.dim()))
+    inv_rms = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + float(node.attr("epsilon", 1e-5)))
+    return [x * inv_rms * scale, inv_rms][:len(node.outputs)]
+
+
+@nn_op("GroupNormalization")
+def _group_norm(node: Node, xs: Inputs) -> list[Tensor]:
+    x, scale, bias = need(xs[0]), need(xs[1]), need(xs[2])
+    groups, channels = int(node.attr("num_groups")), x.shape[1]
+    grouped = x.reshape(x.shape[0], groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = (grouped - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = ((grouped - mean) * torch.rsqrt(var + float(node.attr("epsilon", 1e-5)))).reshape(x.shape)
+    if scale.numel() == groups and groups != channels:  # opset 18 scales per group, opset 21 per channel
+        scale, bias = scale.repeat_interleave(channels // groups), bias.repeat_interleave(channels // groups)
+    view = (1, channels) + (1,) * (x.dim() - 2)
+    return [y * scale.reshape(view) + bias.reshape(view)]
+
+
+@nn_op("LpNormalization")
+def _lp_norm(node: Node, xs: Inputs) -> list[Tensor]:
+    x = need(xs[0])
+    return [F.normalize(x, p=float(node.attr("p", 2)), dim=int(node.attr("axis", -1)), eps=0.0)]
+
+
 # ---- reductions --------------------------------------------------------------------------------------------------
 
 def _reduce_all(x: Tensor, dims: list[int], keep: bool, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
@@ -260,6 +262,7 @@ _REDUCERS: dict[str, Callable[[Tensor, list[int], bool], Tensor]] = {
     "ReduceL2": lambda x, d, k: torch.sqrt((x * x).sum(dim=d, keepdim=k)),
     "ReduceSumSquare": lambda x, d, k: (x * x).sum(dim=d, keepdim=k),
     "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
+    "ReduceLogSum": lambda x, d, k: torch.log(x.sum(dim=d, keepdim=k)),
 }
 
 

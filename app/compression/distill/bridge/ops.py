@@ -9,36 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
+from app.compression.distill.bridge.coverage import Node
+
 Tensor = torch.Tensor
 Inputs = list[Tensor | None]
-
-
-@dataclass(frozen=True, eq=False)
-class Node:
-    op_type: str
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    attrs: dict[str, Any]
-    opset: int
-    """The default-domain opset of the model: several ops moved attributes to inputs over the versions."""
-    domain: str = ""
-
-    @property
-    def key(self) -> str:
-        """The op tables' key: the bare op type in the default domain, else `domain.op_type`."""
-        return f"{self.domain}.{self.op_type}" if self.domain not in ("", "ai.onnx") else self.op_type
-
-    def attr(self, key: str, default: Any = None) -> Any:
-        return self.attrs.get(key, default)
 
 
 OpFn = Callable[[Node, Inputs], Sequence[Tensor]]
@@ -337,7 +317,8 @@ def _gather(node: Node, xs: Inputs) -> list[Tensor]:
     axis = int(node.attr("axis", 0)) % data.dim()
     index = torch.where(index < 0, index + data.shape[axis], index)
     picked = data.index_select(axis, index.reshape(-1))
-    return [picked.reshape(*data.shape[:axis], *index.shape, *data.shape[axis + 1:])]
+    # a scalar index on a 1-D tensor (a dimension out of Shape) gives a 0-d result: the shape may be empty
+    return [picked.reshape((*data.shape[:axis], *index.shape, *data.shape[axis + 1:]))]
 
 
 @op("GatherElements")
