@@ -27,6 +27,18 @@ ONNX_TYPES = {
 }
 
 
+def convolutions_only(path: Path) -> Path:
+    """One Conv with a constant weight: a model int4 (MatMul-only) has nothing to do with."""
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])], "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
 def identity_model(datatype: str, shape: list[int | str] | None = None) -> bytes:
     """x -> y of one datatype, for codec round trips."""
     shape = ["batch", 3] if shape is None else shape

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from app.compression.errors import DataRequired, InvalidRecipe
-from app.compression.graph import TensorInfo
+from app.compression.graph import TensorInfo, io_info, session
 
 SYNTHETIC_SAMPLES = 256
-# Dynamic dimensions other than the batch get this size in generated data (a sequence length, say).
-SYNTHETIC_DYNAMIC_DIM = 16
+# Sizes tried for the dynamic dimensions other than the batch, in order: a sequence length first, then the
+# multiples of 32 and 64 that strided CNNs (detectors, FPNs) need, small to large, then the odd ones out.
+SYNTHETIC_DYNAMIC_SIZES = (16, 32, 64, 128, 224, 256, 320, 512, 48, 8, 1)
+_PROBE_ROWS = 2
+_PROBE_SECONDS = 30.0
 
 
 @dataclass
@@ -76,15 +80,69 @@ def from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorInfo], labels:
     return ModelData(cast, labels, "dataset")
 
 
+@dataclass(frozen=True)
+class SyntheticPlan:
+    """The size every dynamic non-batch dimension gets in generated inputs, found by running the model."""
+
+    size: int
+    tried: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"dynamic dimensions set to {self.size} (the first size the model ran at, of {list(self.tried)})"
+
+
+_PLANS: dict[tuple[str, int, int], SyntheticPlan] = {}
+
+
+def plan_synthetic(model: Path, seed: int = 0, runner: Any = None) -> SyntheticPlan:
+    """The first size from SYNTHETIC_DYNAMIC_SIZES at which the model runs on generated inputs.
+
+    Raises:
+        DataRequired: an input cannot be generated (integers), or no size runs; the message says why.
+    """
+    stat = model.stat()
+    key = (str(model), stat.st_mtime_ns, stat.st_size)
+    if key in _PLANS:
+        return _PLANS[key]
+    inputs, _ = io_info(model)
+    has_dynamic = any(d is None for info in inputs for d in info.shape[1:])
+    sizes = SYNTHETIC_DYNAMIC_SIZES if has_dynamic else SYNTHETIC_DYNAMIC_SIZES[:1]
+    runner = runner if runner is not None else session(model, quiet=True)  # the caller's open session, if any
+    tried: list[int] = []
+    error = ""
+    started = time.monotonic()
+    for size in sizes:
+        probe = synthetic(inputs, seed=seed, samples=_PROBE_ROWS, size=size)
+        rows = feeds_per_batch(inputs) or _PROBE_ROWS
+        tried.append(size)
+        try:
+            runner.run(None, next(probe.batches(rows)))
+        except Exception as exc:  # onnxruntime's own error types: this size does not fit the model
+            error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if time.monotonic() - started > _PROBE_SECONDS:
+                break
+            continue
+        plan = _PLANS[key] = SyntheticPlan(size, tuple(tried))
+        return plan
+    raise DataRequired(f"the model ran on no generated input (dynamic sizes tried: {', '.join(map(str, tried))}; "
+                       f"last error: {error}); upload a dataset of valid inputs (POST /models/{{name}}/datasets)")
+
+
+def synthetic_for(model: Path, seed: int, samples: int = SYNTHETIC_SAMPLES) -> ModelData:
+    """Generated inputs at the sizes the model was found to run at."""
+    return synthetic(io_info(model)[0], seed=seed, samples=samples, size=plan_synthetic(model, seed).size)
+
+
 def synthetic(
     inputs: list[TensorInfo], seed: int, samples: int = SYNTHETIC_SAMPLES,
-    ranges: dict[str, tuple[int, int]] | None = None,
+    ranges: dict[str, tuple[int, int]] | None = None, size: int = SYNTHETIC_DYNAMIC_SIZES[0],
 ) -> ModelData:
-    """Floats from N(0, 1); booleans at random; integers only within a declared range."""
+    """Floats from N(0, 1); booleans at random; integers only within a declared range; `size` for the dynamic
+    dimensions after the batch (use `synthetic_for` to get one the model accepts)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for info in inputs:
-        shape = (samples, *[SYNTHETIC_DYNAMIC_DIM if d is None else d for d in info.shape[1:]]) if info.shape \
+        shape = (samples, *[size if d is None else d for d in info.shape[1:]]) if info.shape \
             else (samples,)
         if info.dtype.kind == "f":
             arrays[info.name] = rng.standard_normal(shape).astype(info.dtype)

@@ -19,7 +19,7 @@ from app.compression.data import ModelData
 DEFAULT_BATCH_N = 32
 _WARMUP_RUNS = 5
 _MIN_RUNS = 30
-_MIN_SECONDS = 0.4
+MIN_TIMING_SECONDS = 0.4
 _MAX_SECONDS = 4.0
 
 
@@ -35,8 +35,10 @@ def is_classifier(outputs: np.ndarray, name: str = "") -> bool:
 def measure(
     original: Path, variant: Path, data: ModelData, *, budget: Budget | None = None, threads: int = 1,
     batch_n: int = DEFAULT_BATCH_N, progress: Callable[[float, str], None] | None = None,
+    timing_seconds: float = MIN_TIMING_SECONDS,
 ) -> dict[str, Any]:
-    """Size, latency and fidelity of `variant` beside `original`, on held-out `data`."""
+    """Size, latency and fidelity of `variant` beside `original`, on held-out `data`; each latency is timed for
+    at least `timing_seconds` (and 30 calls of each model)."""
     report_progress = progress or (lambda _f, _s: None)
     sessions = graph.session(original, threads), graph.session(variant, threads)
     inputs, _ = graph.io_info(original)
@@ -44,7 +46,7 @@ def measure(
     report_progress(0.0, "measuring fidelity")
     fidelity = _fidelity(sessions, data, batch=batch_n if dynamic else 1)
     report_progress(0.4, "measuring latency")
-    latency_original, latency_variant = _latency(sessions, data, dynamic, batch_n)
+    latency_original, latency_variant = _latency(sessions, data, dynamic, batch_n, timing_seconds)
     report_progress(0.9, "measuring size")
     size = _size(original), _size(variant)
     report = {
@@ -59,6 +61,7 @@ def measure(
         "within_budget": None,
         "original": {**size[0], "latency_ms": latency_original},
         "threads": threads,
+        "session_config": graph.session_config(variant),
     }
     budget = budget or Budget(metric="agreement" if fidelity["agreement"] is not None else "cosine")
     report["budget"] = budget.model_dump()
@@ -118,22 +121,22 @@ def _fidelity(sessions: tuple[ort.InferenceSession, ort.InferenceSession], data:
 
 
 def _latency(sessions: tuple[ort.InferenceSession, ort.InferenceSession], data: ModelData, dynamic: bool,
-             batch_n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+             batch_n: int, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
     one = next(data.take(1).batches(1))
-    single = _time_pair(sessions, one)
+    single = _time_pair(sessions, one, seconds)
     original: dict[str, Any] = {"batch_1": single[0], "batch_n": None}
     variant: dict[str, Any] = {"batch_1": single[1], "batch_n": None}
     rows = min(batch_n, len(data))
     if dynamic and rows > 1:
         many = next(data.take(rows).batches(rows))
-        timed = _time_pair(sessions, many)
+        timed = _time_pair(sessions, many, seconds)
         original["batch_n"] = {"batch": rows, **timed[0]}
         variant["batch_n"] = {"batch": rows, **timed[1]}
     return original, variant
 
 
-def _time_pair(sessions: tuple[ort.InferenceSession, ort.InferenceSession],
-               feeds: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, float]]:
+def _time_pair(sessions: tuple[ort.InferenceSession, ort.InferenceSession], feeds: dict[str, np.ndarray],
+               seconds: float) -> tuple[dict[str, float], dict[str, float]]:
     """Alternate the two models call by call, so machine noise hits both alike."""
     for _ in range(_WARMUP_RUNS):
         for session in sessions:
@@ -146,7 +149,7 @@ def _time_pair(sessions: tuple[ort.InferenceSession, ort.InferenceSession],
             session.run(None, feeds)
             times[index].append((time.perf_counter() - t0) * 1e3)
         elapsed = time.perf_counter() - started
-        enough = len(times[0]) >= _MIN_RUNS and elapsed >= _MIN_SECONDS
+        enough = len(times[0]) >= _MIN_RUNS and elapsed >= seconds
         if enough or (elapsed >= _MAX_SECONDS and len(times[0]) >= 5):
             break
     return _percentiles(times[0]), _percentiles(times[1])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import heapq
+import json
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +33,14 @@ class TensorInfo:
         return len(self.shape) > 0 and self.shape[0] is None
 
 
-def load(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path))
+def load(path: Path, weights: bool = True) -> onnx.ModelProto:
+    """The model; with `weights=False` only its structure (external data stays on disk)."""
+    return onnx.load(str(path), load_external_data=weights)
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
-    """Write one self-contained file (no external-data sidecar)."""
+    """Write one self-contained file (no external-data sidecar), every opset domain its nodes use declared."""
+    declare_domains(model)
     if model.ByteSize() > _PROTOBUF_LIMIT:
         raise StepFailed("the result is larger than 2 GB, which one ONNX file cannot hold")
     onnx.save_model(model, str(path), save_as_external_data=False)
@@ -44,7 +49,8 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     tensor = value.type.tensor_type
-    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+    # Some exporters write -1 (Paddle2ONNX) or 0 as a fixed value for a dynamic axis: dynamic it is.
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
     return TensorInfo(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims)
 
 
@@ -55,13 +61,78 @@ def io_info(model: onnx.ModelProto | Path) -> tuple[list[TensorInfo], list[Tenso
     return inputs, [_tensor_info(v) for v in proto.graph.output]
 
 
-def session(path: Path | bytes, threads: int = 1) -> ort.InferenceSession:
+# A model that needs onnxruntime session config entries to run as measured names them here (JSON object), e.g.
+# weight-only int8 Conv weights that onnxruntime folds back to float once at load (`session.disable_quant_qdq`).
+SESSION_CONFIG_KEY = "slimserve.session_config"
+
+
+def session_config(model: Path | onnx.ModelProto) -> dict[str, str]:
+    """The onnxruntime session config entries a model asks for (empty for almost every model)."""
+    if isinstance(model, Path):
+        stat = model.stat()
+        key = (str(model), stat.st_mtime_ns, stat.st_size)
+        if key not in _CONFIG_CACHE:
+            if len(_CONFIG_CACHE) > 64:
+                _CONFIG_CACHE.clear()
+            _CONFIG_CACHE[key] = session_config(load(model, weights=False))
+        return dict(_CONFIG_CACHE[key])
+    entry = next((p.value for p in model.metadata_props if p.key == SESSION_CONFIG_KEY), None)
+    return {str(k): str(v) for k, v in json.loads(entry).items()} if entry else {}
+
+
+_CONFIG_CACHE: dict[tuple[str, int, int], dict[str, str]] = {}
+
+
+def set_session_config(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    kept = [p for p in model.metadata_props if p.key != SESSION_CONFIG_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if entries:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=SESSION_CONFIG_KEY,
+                                                                value=json.dumps(entries, sort_keys=True)))
+
+
+def session(path: Path | bytes, threads: int = 1, quiet: bool = False) -> ort.InferenceSession:
+    """A CPU session with the model's own session config entries, as the server opens it; `quiet` keeps
+    onnxruntime from logging the errors of runs expected to fail (probes)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
+    if isinstance(path, Path):
+        for key, value in session_config(path).items():
+            options.add_session_config_entry(key, value)
     source = str(path) if isinstance(path, Path) else path
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+_OPEN_CHILD = (
+    "import json, sys, onnxruntime as ort\n"
+    "options = ort.SessionOptions(); options.log_severity_level = 3\n"
+    "for key, value in json.loads(sys.argv[2]).items(): options.add_session_config_entry(key, value)\n"
+    "ort.InferenceSession(sys.argv[1], options, providers=['CPUExecutionProvider'])\n"
+)
+_OPEN_TIMEOUT_SECONDS = 600
+
+
+def opens_safely(candidate: Path) -> str | None:
+    """Open the model in a child process first, as the server will (all optimizations): None if it opens.
+
+    onnxruntime crashes (SIGSEGV) on some graphs instead of refusing them, and a crash here would take the worker
+    down with the job, or later the server that loads the variant. Otherwise what onnxruntime said is returned.
+    """
+    command = [sys.executable, "-P", "-c", _OPEN_CHILD, str(candidate), json.dumps(session_config(candidate))]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_OPEN_TIMEOUT_SECONDS,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"onnxruntime did not finish opening it in {_OPEN_TIMEOUT_SECONDS} s"
+    if done.returncode < 0:
+        return f"onnxruntime crashed opening it (signal {-done.returncode})"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return (lines[-1] if lines else f"exit status {done.returncode}")[:300]
+    return None
 
 
 def check_step_output(original: Path, candidate: Path, step: str) -> None:
@@ -70,6 +141,9 @@ def check_step_output(original: Path, candidate: Path, step: str) -> None:
         onnx.checker.check_model(str(candidate), full_check=True)
     except Exception as exc:
         raise StepFailed(f"{step} produced a model that fails the ONNX checker: {_first_line(exc)}") from None
+    problem = opens_safely(candidate)
+    if problem is not None:
+        raise StepFailed(f"{step} produced a model onnxruntime cannot open: {problem}")
     try:
         session(candidate)
     except Exception as exc:
@@ -86,13 +160,46 @@ def check_step_output(original: Path, candidate: Path, step: str) -> None:
                 raise StepFailed(f"{step} changed the shape of {kind[:-1]} '{w.name}' from {w.shape} to {g.shape}")
 
 
+def restore_io_shapes(original: Path, candidate: Path) -> bool:
+    """Give the candidate's graph inputs and outputs the original's declared shapes, dim names included.
+
+    Tools rewrite a dynamic axis as they like (onnxruntime drops `batch` names; -1 becomes unknown), but the
+    served model must keep the interface users and clients see. Only an input or output of the same name,
+    element type and rank is touched; anything else is left for `check_step_output` to refuse.
+    Returns whether the candidate file was rewritten.
+    """
+    want = load(original, weights=False).graph
+    proto = load(candidate)
+    changed = False
+    for ours, theirs in ((want.input, proto.graph.input), (want.output, proto.graph.output)):
+        by_name = {v.name: v for v in ours}
+        for value in theirs:
+            reference = by_name.get(value.name)
+            if reference is None or reference.type == value.type:
+                continue
+            a, b = reference.type.tensor_type, value.type.tensor_type
+            if a.elem_type != b.elem_type or len(a.shape.dim) != len(b.shape.dim):
+                continue
+            value.type.CopyFrom(reference.type)
+            changed = True
+    if changed:
+        save(proto, candidate)
+    return changed
+
+
 def model_family(model: onnx.ModelProto) -> str:
-    """`cnn`, `transformer` or `mlp`: which recipes are worth trying."""
+    """`transformer`, `cnn` or `mlp`: which recipes are worth trying.
+
+    Attention decides first: a vision transformer has a Conv patch embedding but is a transformer.
+    """
     ops = {node.op_type for node in model.graph.node}
+    constants = constant_names(model)
+    attention = ops & {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention"} or (
+        "Softmax" in ops and any(n.op_type == "MatMul" and not constants & set(n.input) for n in model.graph.node))
+    if attention:
+        return "transformer"
     if "Conv" in ops:
         return "cnn"
-    if ops & {"Softmax", "LayerNormalization", "Attention", "MultiHeadAttention"} and ops & {"MatMul", "Gemm"}:
-        return "transformer"
     return "mlp"
 
 
@@ -159,16 +266,38 @@ def toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
+# Versions declared for contrib domains that a graph uses without declaring them.
+_DOMAIN_VERSIONS = {"com.microsoft": 1, "ai.onnx.ml": 3, "com.microsoft.nchwc": 1, "ai.onnx.training": 1,
+                    "ai.onnx.preview.training": 1}
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+def declare_domains(model: onnx.ModelProto) -> list[str]:
+    """Add an opset import for every domain a node uses but the model does not declare; returns them."""
+    declared = {o.domain or "" for o in model.opset_import} | ({""} if any(
+        o.domain == "ai.onnx" for o in model.opset_import) else set())
+    missing = sorted({n.domain or "" for n in all_nodes(model)} - declared)
+    for domain in missing:
+        model.opset_import.append(helper.make_opsetid(domain, _DOMAIN_VERSIONS.get(domain, 1)))
+    return missing
+
+
 def prune_opsets(model: onnx.ModelProto) -> None:
     """Keep only the opset imports that nodes use: onnxruntime's saved graphs declare every domain it knows."""
-    used = {n.domain or "" for n in _all_nodes(model)} | {""}
+    used = {n.domain or "" for n in all_nodes(model)} | {""}
     used.update(f.domain for f in model.functions)
     kept = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
     del model.opset_import[:]
     model.opset_import.extend(kept)
 
 
-def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+def all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     nodes: list[onnx.NodeProto] = []
     graphs = [model.graph]
     while graphs:

@@ -21,6 +21,8 @@ from app.compression import evaluate, graph
 from app.compression.config import Budget, OptimizeStep, PruneStep, QuantizeStep, Recipe
 from app.compression.context import AnyStep, StepContext, StepFunction
 from app.compression.data import ModelData
+from app.compression.errors import Cancelled, CompressionError, StepFailed
+from app.compression.normalize import normalize
 from app.compression.progress import CancelToken, ProgressFn, StepProgress, ignore_progress
 
 EVAL_FRACTION = 0.3
@@ -43,6 +45,15 @@ class Checkpoint:
     done: int
     model: Path
     notes: list[dict[str, Any]]
+    normalize: dict[str, Any] | None = None
+
+
+@dataclass
+class Normalized:
+    """The original in the form steps work on (see `normalize`), made once and shared by several recipes."""
+
+    model: Path
+    notes: dict[str, Any]
 
 
 @dataclass
@@ -73,10 +84,23 @@ def describe_step(step: AnyStep) -> str:
 
 def prepare_data(original: Path, data: ModelData | None, seed: int) -> tuple[ModelData | None, ModelData]:
     """(shaping split, held-out split); without a dataset, generated inputs for both."""
-    inputs, _ = graph.io_info(original)
     if data is None:
-        data = model_data.synthetic(inputs, seed=seed)
+        data = model_data.synthetic_for(original, seed=seed)
     return data.split(EVAL_FRACTION, seed)
+
+
+def normalized(original: Path, workdir: Path, data: ModelData | None, threads: int = 1) -> Normalized:
+    """Normalize `original` into `workdir`; a failure names the normalization as the step that failed."""
+    target = workdir / "normalized.onnx"
+    try:
+        notes = normalize(original, target, data, threads)
+    except CompressionError as exc:
+        exc.step = exc.step or "normalize"
+        raise
+    except Exception as exc:  # any tool's own error type: reported with the step, never as an internal error
+        raise _unexpected("normalize", exc) from exc
+    graph.restore_io_shapes(original, target)
+    return Normalized(target, notes)
 
 
 def run_recipe(
@@ -84,6 +108,7 @@ def run_recipe(
     progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None, seed: int = 0, threads: int = 1,
     resolve_model: Callable[[str], Path] | None = None, split: tuple[ModelData | None, ModelData] | None = None,
     resume: Checkpoint | None = None, on_step: Callable[[Checkpoint], None] | None = None,
+    prepared: Normalized | None = None, timing_seconds: float = evaluate.MIN_TIMING_SECONDS,
 ) -> RecipeResult:
     """Apply `recipe` to `original`, write the result to `output` (plus a `.recipe.json` sidecar).
 
@@ -98,6 +123,8 @@ def run_recipe(
         split: an already split (shaping, held-out) pair, so that several recipes share one held-out set.
         resume: steps finished by an earlier, interrupted run; the recipe goes on from the next step.
         on_step: called after each checked step, so the caller can keep a checkpoint.
+        prepared: the original already normalized (by `normalized`), so several recipes normalize once.
+        timing_seconds: how long each latency of the report is timed at least (longer: steadier figures).
 
     Raises:
         CompressionError: InvalidRecipe, UnsupportedModel, DataRequired, StepFailed, or Cancelled.
@@ -106,7 +133,11 @@ def run_recipe(
     train, held_out = split if split is not None else prepare_data(original, data, seed)
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-recipe-"))
     try:
-        current = resume.model if resume is not None else original
+        if resume is not None:
+            current, normalize_notes = resume.model, resume.normalize
+        else:
+            prepared = prepared or normalized(original, workdir, train if train is not None else held_out, threads)
+            current, normalize_notes = prepared.model, prepared.notes
         notes: list[dict[str, Any]] = list(resume.notes) if resume is not None else []
         count = len(recipe.steps)
         for index, step in enumerate(recipe.steps):
@@ -126,23 +157,55 @@ def run_recipe(
             )
             ctx.progress(0.0)
             step_output = workdir / f"step-{index}.onnx"
-            step_notes = step_function(step.op)(current, step_output, step, ctx)
-            graph.check_step_output(original, step_output, describe_step(step))
+            step_notes = _run_step(step, current, step_output, ctx, original, stage)
             notes.append({"step": step.model_dump(), "notes": step_notes})
             current = step_output
             if on_step is not None and index + 1 < count:
-                on_step(Checkpoint(done=index + 1, model=current, notes=list(notes)))
+                on_step(Checkpoint(done=index + 1, model=current, notes=list(notes), normalize=normalize_notes))
         cancel.check()
-        report = evaluate.measure(
-            original, current, held_out, budget=budget, threads=threads,
-            progress=lambda f, s: progress(_STEPS_SHARE + (1 - _STEPS_SHARE) * f, s),
-        )
+        try:
+            report = evaluate.measure(
+                original, current, held_out, budget=budget, threads=threads, timing_seconds=timing_seconds,
+                progress=lambda f, s: progress(_STEPS_SHARE + (1 - _STEPS_SHARE) * f, s),
+            )
+        except CompressionError:
+            raise
+        except Exception as exc:
+            raise _unexpected("measuring the variant against the original", exc) from exc
+        if held_out.source == "synthetic":
+            report["fidelity"]["synthetic_inputs"] = model_data.plan_synthetic(original, seed).describe()
+        report["normalize"] = normalize_notes
         report["steps"] = notes
         shutil.copyfile(current, output)
         write_sidecar(output, recipe, report)
         return RecipeResult(output=output, report=report, steps=notes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_step(step: AnyStep, model: Path, output: Path, ctx: StepContext, original: Path,
+              stage: str) -> dict[str, Any]:
+    """One step and its checks; every failure is a CompressionError that names the step."""
+    try:
+        notes = step_function(step.op)(model, output, step, ctx)
+        graph.restore_io_shapes(original, output)
+        graph.check_step_output(original, output, describe_step(step))
+        return notes
+    except Cancelled:
+        raise
+    except CompressionError as exc:
+        exc.step = exc.step or stage
+        raise
+    except Exception as exc:  # a tool's own error (onnxruntime, onnx, torch): named, never an internal error
+        raise _unexpected(stage, exc) from exc
+
+
+def _unexpected(stage: str, exc: Exception) -> StepFailed:
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    failed = StepFailed(f"{type(exc).__name__}: {text}; this recipe cannot handle this model as it is: "
+                        "try another preset, or report the model so the step can learn it")
+    failed.step = stage
+    return failed
 
 
 def write_sidecar(output: Path, recipe: Recipe, report: dict[str, Any]) -> Path:

@@ -51,9 +51,8 @@ def sample_data(model: Path, ctx: StepContext, samples: int = MEASURE_SAMPLES) -
     """The step's shaping samples, or generated ones when every input is float; None when neither exists."""
     if ctx.train is not None:
         return ctx.train.take(samples)
-    inputs, _ = graph.io_info(model)
     try:
-        return model_data.synthetic(inputs, seed=ctx.seed, samples=samples)
+        return model_data.synthetic_for(model, seed=ctx.seed, samples=samples)
     except DataRequired:
         return None
 

@@ -13,8 +13,9 @@ from app.compression import graph
 from app.compression.config import Budget, Recipe, parse_recipe
 from app.compression.data import ModelData
 from app.compression.errors import Cancelled, CompressionError
+from app.compression.evaluate import MIN_TIMING_SECONDS
 from app.compression.progress import CancelToken, ProgressFn, ignore_progress
-from app.compression.recipes import prepare_data, run_recipe, write_sidecar
+from app.compression.recipes import normalized, prepare_data, run_recipe, write_sidecar
 
 Objective = Literal["size", "latency", "balanced"]
 Family = Literal["transformer", "cnn", "mlp"]
@@ -37,10 +38,12 @@ _NEEDS_REAL_DATA = {"shrink-50", "shrink-50+int8-static", "shrink-50+int8-dynami
 @dataclass
 class SearchResult:
     output: Path | None
-    """The winner's file, or None when no candidate met the budget."""
+    """The chosen candidate's file, or None when every candidate failed."""
     winner: str | None
     candidates: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] | None = None
+    within_budget: bool = False
+    """False when no candidate met the budget (or the speed goal) and `winner` is the one nearest to it."""
 
 
 def model_family(path: Path) -> Family:
@@ -66,6 +69,25 @@ def score(report: dict[str, Any], objective: Objective) -> float | None:
     return float((speedup / report["size_ratio"]) ** 0.5)
 
 
+def dropped_because(report: dict[str, Any], objective: Objective) -> str | None:
+    """Why an eligible-looking candidate does not count, in words; None when it is eligible."""
+    if not report.get("within_budget"):
+        budget = report.get("budget") or {}
+        return f"over budget ({budget.get('metric')} drop above {budget.get('max_drop')})"
+    speedup = report["speedup"]["batch_n"] or report["speedup"]["batch_1"]
+    if objective != "size" and speedup < 1.0:
+        return f"slower than the original ({speedup:.2f}x) and the objective is {objective}"
+    return None
+
+
+def closeness(report: dict[str, Any]) -> float:
+    """How near a candidate comes to the original on the budget's metric: the fallback when none is eligible."""
+    fidelity, metric = report["fidelity"], (report.get("budget") or {}).get("metric", "cosine")
+    value = {"agreement": fidelity.get("agreement"), "accuracy": fidelity.get("accuracy"),
+             "cosine": fidelity.get("cosine_mean")}.get(metric)
+    return float(value if value is not None else fidelity.get("cosine_mean") or 0.0)
+
+
 def _slice(progress: ProgressFn, start: float, end: float, name: str) -> ProgressFn:
     def report(fraction: float, stage: str) -> None:
         progress(start + (end - start) * fraction, f"{name}: {stage}")
@@ -77,9 +99,13 @@ def search(
     *, original: Path, output: Path, data: ModelData | None, budget: Budget | None = None,
     objective: Objective = "balanced", progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None,
     seed: int = 0, threads: int = 1, resolve_model: Callable[[str], Path] | None = None,
-    split: tuple[ModelData | None, ModelData] | None = None,
+    split: tuple[ModelData | None, ModelData] | None = None, timing_seconds: float = MIN_TIMING_SECONDS,
 ) -> SearchResult:
-    """Run every candidate recipe for the model's family; all reports are returned, the best one is written."""
+    """Run every candidate recipe for the model's family; all reports are returned, the best one is written.
+
+    The best is the highest-scoring candidate within budget; when none is, the one measured closest to the
+    original (`SearchResult.within_budget` False says so). Only when every candidate failed is there none.
+    """
     cancel = cancel or CancelToken()
     family = model_family(original)
     names = CANDIDATES[family]
@@ -88,7 +114,9 @@ def search(
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-auto-"))
     candidates: list[dict[str, Any]] = []
     best: tuple[float, str, Path, dict[str, Any], Recipe] | None = None
+    nearest: tuple[float, str, Path, dict[str, Any], Recipe] | None = None
     try:
+        prepared = normalized(original, workdir, split[0] if split[0] is not None else split[1], threads)
         for index, name in enumerate(names):
             cancel.check()
             entry: dict[str, Any] = {"name": name, "family": family, "report": None, "error": None}
@@ -102,24 +130,35 @@ def search(
             try:
                 result = run_recipe(
                     original=original, output=path, recipe=recipe, budget=budget, cancel=cancel, seed=seed,
-                    threads=threads, resolve_model=resolve_model, split=split,
+                    threads=threads, resolve_model=resolve_model, split=split, prepared=prepared,
+                    timing_seconds=timing_seconds,
                     progress=_slice(progress, index / len(names), (index + 1) / len(names), name),
                 )
             except Cancelled:
                 raise
             except CompressionError as exc:
-                entry["error"] = f"{type(exc).__name__}: {exc}"
+                entry["error"] = f"{type(exc).__name__}: {exc.describe()}"
                 continue
             entry["report"] = result.report
             value = score(result.report, objective)
             entry["score"] = value
+            entry["dropped"] = dropped_because(result.report, objective)
             if value is not None and (best is None or value > best[0]):
                 best = (value, name, path, result.report, recipe)
-        if best is None:
+            near = closeness(result.report)
+            if nearest is None or near > nearest[0]:
+                nearest = (near, name, path, result.report, recipe)
+        chosen = best or nearest
+        if chosen is None:
             return SearchResult(output=None, winner=None, candidates=candidates)
-        _, name, path, report, recipe = best
+        _, name, path, report, recipe = chosen
         shutil.copyfile(path, output)
-        write_sidecar(output, recipe, {**report, "auto": {"objective": objective, "candidates": candidates}})
-        return SearchResult(output=output, winner=name, candidates=candidates, report=report)
+        report = {**report, "auto": {
+            "winner": name, "objective": objective, "within_budget": best is not None,
+            "chosen_because": "the best candidate within budget" if best is not None else
+            "no candidate met the budget and the objective: this is the one measured closest to the original"}}
+        write_sidecar(output, recipe, {**report, "auto": {**report["auto"], "candidates": candidates}})
+        return SearchResult(output=output, winner=name, candidates=candidates, report=report,
+                            within_budget=best is not None)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -51,10 +52,15 @@ class SessionOptions:
 
     intra_op_threads: int | None = None
     graph_optimization_level: str = "all"
+    config_entries: tuple[tuple[str, str], ...] = ()
+    """onnxruntime session config entries the variant itself needs (see its report's `session_config`)."""
 
     @property
     def tag(self) -> str:
-        return f"t{self.intra_op_threads if self.intra_op_threads is not None else 'd'}-{self.graph_optimization_level}"
+        tag = f"t{self.intra_op_threads if self.intra_op_threads is not None else 'd'}-{self.graph_optimization_level}"
+        if self.config_entries:
+            tag += "-c" + hashlib.sha256(repr(self.config_entries).encode()).hexdigest()[:8]
+        return tag
 
 
 @dataclass(slots=True)
@@ -110,6 +116,8 @@ class SessionCache:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = level
         options.log_severity_level = 3
+        for key, value in overrides.config_entries:
+            options.add_session_config_entry(key, value)
         if threads == 1:
             # One thread has nobody to hand work to; spinning would only burn a core.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -22,6 +22,8 @@ class VariantEntry:
     name: str
     sha256: str
     size_bytes: int
+    session_config: tuple[tuple[str, str], ...] = ()
+    """onnxruntime config entries the variant was measured with and must be served with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,8 @@ def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
         inputs={spec["name"]: TensorSpec.from_json(spec) for spec in row.inputs},
         outputs={spec["name"]: TensorSpec.from_json(spec) for spec in row.outputs},
         routing=dict(row.routing),
-        variants={v.name: VariantEntry(v.name, v.sha256, v.size_bytes) for v in row.variants},
+        variants={v.name: VariantEntry(v.name, v.sha256, v.size_bytes, tuple(sorted(
+            ((v.report or {}).get("session_config") or {}).items()))) for v in row.variants},
         loaded_at=now,
         capture_samples=(row.config.get("capture") or {}).get("samples"),
         batching=batching_settings(row),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -13,7 +13,7 @@ from app.errors import InvalidContent, InvalidInput, OutOfMemory, Overloaded, Sl
 from app.metrics import Metrics
 from app.runtime import codecs
 from app.runtime.batching import Batcher
-from app.runtime.sessions import LoadedSession, RunResult, SessionCache
+from app.runtime.sessions import LoadedSession, RunResult, SessionCache, SessionOptions
 from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
 from app.services.routing import ShadowTraffic, choose
@@ -62,6 +62,8 @@ class InferenceService:
         if target is None:
             raise VariantNotFound(entry.name, variant)
         overrides = entry.session_options.get(variant)
+        if target.session_config:
+            overrides = replace(overrides or SessionOptions(), config_entries=target.session_config)
         key = target.sha256 if overrides is None else f"{target.sha256}-{overrides.tag}"
         loaded = self._sessions.get_loaded(key)
         if loaded is None:

@@ -137,7 +137,9 @@ class JobRunner:
             if heartbeat.token.cancelled:
                 # Asked to stop (or its model was deleted): whatever broke on the way out is not the story.
                 state = self._finish(job_id, "cancelled", error=None, stage="cancelled")
-            elif isinstance(exc, CompressionError | SlimServeError):
+            elif isinstance(exc, CompressionError):
+                state = self._finish(job_id, "failed", error=exc.describe(), stage="failed")
+            elif isinstance(exc, SlimServeError):
                 state = self._finish(job_id, "failed", error=str(exc), stage="failed")
             else:
                 log.exception("job %s failed unexpectedly", job_id)
@@ -220,7 +222,8 @@ class JobRunner:
             log.warning("checkpoint of job %s is gone; starting from the first step", job.id)
             return None
         log.info("job %s resumes at step %d", job.id, saved["done"] + 1)
-        return Checkpoint(done=int(saved["done"]), model=model, notes=list(saved["notes"]))
+        return Checkpoint(done=int(saved["done"]), model=model, notes=list(saved["notes"]),
+                          normalize=saved.get("normalize"))
 
     def _save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None:
         """Keep the model after each finished step, so a crash costs at most the step in progress."""
@@ -230,7 +233,8 @@ class JobRunner:
         with transaction(self._factory) as session:
             previous = session.scalar(select(JobRow.checkpoint).where(JobRow.id == job_id))
             session.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == self._me).values(
-                checkpoint={"done": checkpoint.done, "sha256": sha, "notes": checkpoint.notes}))
+                checkpoint={"done": checkpoint.done, "sha256": sha, "notes": checkpoint.notes,
+                            "normalize": checkpoint.normalize}))
         if previous and previous.get("sha256") != sha:
             self._store.remove(previous["sha256"], CHECKPOINT_SUFFIX)
 
@@ -263,13 +267,16 @@ class JobRunner:
         candidates = getattr(result, "candidates", None)
         if job.preset == AUTO and result.output is None:
             return self._finish(job.id, "failed", stage="failed", candidates=candidates, error=(
-                "no candidate met the budget (or all were slower than the original): "
-                + "; ".join(_candidate_summary(c) for c in candidates or [])))
+                "every candidate failed: " + "; ".join(_candidate_summary(c) for c in candidates or [])))
         assert report is not None
         if job.promote and not report["within_budget"]:
             return self._finish(job.id, "failed", stage="failed", report=report, candidates=candidates, error=(
                 f"not promoted and not kept: the result misses the budget ({_budget_summary(report)}); "
                 "the model is unchanged"))
+        if job.promote and job.preset == AUTO and not getattr(result, "within_budget", True):
+            return self._finish(job.id, "failed", stage="failed", report=report, candidates=candidates, error=(
+                "not promoted and not kept: no candidate met both the budget and the objective "
+                f"('{job.objective}'); the model is unchanged"))
         sha, size, _ = self._store.adopt(output, MODEL_SUFFIX)
         sidecar = output.with_suffix(".recipe.json")
         if sidecar.is_file():

@@ -22,7 +22,7 @@ from app.compression import (
 from app.compression.graph import io_info, load
 from app.compression.recipes import prepare_data
 from app.compression.search import model_family, score
-from tests.helpers import CNN, MLP, TRANSFORMER
+from tests.helpers import CNN, MLP, TRANSFORMER, convolutions_only
 
 SUITS = [
     (CNN, "int8-static"), (CNN, "prune-50"), (CNN, "shrink-50"), (CNN, "fp16"), (CNN, "optimize"),
@@ -72,8 +72,11 @@ def test_structured_prune_then_static_int8_chain(tmp_path: Path, cnn_data: Model
 
 
 def test_recipes_fail_clearly(tmp_path: Path, cnn_data: ModelData) -> None:
-    with pytest.raises(UnsupportedModel, match="MatMul"):
-        run_recipe(original=CNN, output=tmp_path / "a.onnx", recipe=parse_recipe("int4-weight"), data=cnn_data)
+    with pytest.raises(UnsupportedModel, match="MatMul") as failed:
+        run_recipe(original=convolutions_only(tmp_path / "convs.onnx"), output=tmp_path / "a.onnx",
+                   recipe=parse_recipe("int4-weight"))
+    assert failed.value.step == "step 1/1: quantize (int4)"
+    assert failed.value.describe().startswith("step 1/1: quantize (int4): int4 needs MatMul")
     with pytest.raises(DataRequired):
         run_recipe(original=CNN, output=tmp_path / "b.onnx", recipe=parse_recipe("shrink-50"), data=None)
     inputs, _ = io_info(TRANSFORMER)

@@ -47,7 +47,7 @@ def taylor(model: onnx.ModelProto, producers: list[Producer], data: ModelData,
         import torch
         from torch.nn import functional
 
-        from app.compression.distill.bridge import OnnxModule
+        from app.compression.distill.bridge.module import OnnxModule
         module = OnnxModule(model, trainable={p.weight for p in producers})
     except Exception as exc:
         raise InvalidRecipe(f"importance 'taylor' needs gradients, and the training bridge cannot run this model "

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from app.compression import data as model_data
-from app.compression import graph
 from app.compression.context import StepContext
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe
 from app.compression.prune.importance import latency, top1_accuracy
@@ -42,7 +41,7 @@ def latency_notes(model: Path, output: Path, ctx: StepContext) -> dict[str, Any]
     data = ctx.train
     if data is None:
         try:
-            data = model_data.synthetic(graph.io_info(model)[0], seed=ctx.seed, samples=32)
+            data = model_data.synthetic_for(model, seed=ctx.seed, samples=32)
         except (DataRequired, InvalidRecipe):
             return None  # integer inputs without a declared range: nothing meaningful to time on
     try:
