@@ -32,6 +32,17 @@ _BATCHES_PER_CHUNK = 4
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+# Magnitudes no int8 range can hold usefully: attention masks filled with float32's minimum (-3.4e38), as the
+# TorchScript exporter writes them, break the histogram calibraters as inf does.
+UNREPRESENTABLE = 1e20
+
+
+def representable(values: np.ndarray) -> bool:
+    """Finite, and small enough for an 8-bit range to mean something."""
+    if values.size == 0:
+        return True
+    as_float = np.asarray(values, dtype=np.float64)
+    return bool(np.all(np.isfinite(as_float)) and float(np.max(np.abs(as_float))) <= UNREPRESENTABLE)
 
 
 class FeedReader(CalibrationDataReader):  # type: ignore[misc]
@@ -87,7 +98,7 @@ def calibrate(model: Path, op_types: list[str], method: str, feeds: list[dict[st
 
 def nonfinite_tensors(model: onnx.ModelProto, names: set[str], feeds: dict[str, np.ndarray],
                       workdir: Path) -> set[str]:
-    """Which of `names` (float activations) hold inf or NaN on one calibration batch."""
+    """Which of `names` (float activations) hold inf, NaN or mask-like extremes on one calibration batch."""
     typed = {v.name: v for v in [*model.graph.value_info, *model.graph.output]}
     wanted = sorted(n for n in names if n in typed and typed[n].type.tensor_type.elem_type in _FLOATS)
     if not wanted:
@@ -99,4 +110,4 @@ def nonfinite_tensors(model: onnx.ModelProto, names: set[str], feeds: dict[str, 
     path = graph.save(probe, workdir / "finite-probe.onnx")
     values = graph.session(path).run(wanted, feeds)
     path.unlink()
-    return {name for name, value in zip(wanted, values, strict=True) if not np.all(np.isfinite(value))}
+    return {name for name, value in zip(wanted, values, strict=True) if not representable(value)}

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -23,8 +24,13 @@ MIN_AGREEMENT = 0.99
 # Ops whose float16 results drift: long reductions, exponentials, normalizations.
 SENSITIVE_OPS = {"Softmax", "LayerNormalization", "SkipLayerNormalization", "ReduceSum", "ReduceMean", "Exp", "Pow",
                  "Sqrt", "Erf", "Gelu", "BiasGelu", "FastGelu", "InstanceNormalization", "CumSum", "Log"}
+# Always float32: recurrent layers have no float16 kernel on CPU, and a BatchNormalization left unfused (as
+# Paddle2ONNX writes them) computes var + epsilon in float16, where epsilon 1e-5 is subnormal (measured on
+# PaddleOCR's detector: output cosine 0.84 with it in float16, 0.999998 without).
+ALWAYS_FLOAT32 = {"LSTM", "GRU", "RNN", "BatchNormalization"}
+CRASH_SUSPECTS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Concat", "Gather")
 _MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(")
-_MAX_KERNEL_RETRIES = 8
+_MAX_KERNEL_RETRIES = 16
 
 
 def run_fp16(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict[str, Any]:
@@ -32,7 +38,8 @@ def run_fp16(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) ->
     if not any(i.data_type == onnx.TensorProto.FLOAT for i in source.graph.initializer):
         raise UnsupportedModel("fp16 converts float32 weights, and this model has none")
     present = op_types(source)
-    block = set(DEFAULT_OP_BLOCK_LIST) | (present - set(step.op_types) if step.op_types is not None else set())
+    chosen = present - set(step.op_types) if step.op_types is not None else set()
+    block = set(DEFAULT_OP_BLOCK_LIST) | ALWAYS_FLOAT32 | chosen
     data = sample_data(model, ctx)
     reference = Reference(model, data, ctx.threads) if data is not None else None
     ctx.progress(0.1, "converting")
@@ -63,9 +70,18 @@ def _attempt(model: Path, target: Path, block: set[str], reference: Reference | 
              ) -> tuple[Path, set[str], Fidelity | None]:
     """Convert, and block every op that CPU onnxruntime then refuses to open in float16."""
     for _ in range(_MAX_KERNEL_RETRIES):
-        converted = convert_float_to_float16(graph.load(model), keep_io_types=True, op_block_list=sorted(block))
-        toposort(converted.graph)  # the converter appends its Cast nodes at the end of the graph
-        graph.save(converted, target)
+        _convert(model, target, block)
+        crashed = graph.opens_safely(target)
+        if crashed is not None and "crashed" in crashed:
+            # onnxruntime's layout optimizer crashes on some float16 graphs (a Transpose before a float32 LSTM):
+            # the shape ops nearest the trouble stay float32, one family at a time
+            suspect = next((op for op in CRASH_SUSPECTS if op not in block and op in op_types(graph.load(model))),
+                           None)
+            if suspect is None:
+                raise StepFailed(f"onnxruntime crashes opening the float16 model ({crashed}) whatever is kept in "
+                                 "float32; use mode 'dynamic' or 'int4' for this model")
+            block = block | {suspect}
+            continue
         try:
             graph.session(target)
         except Exception as exc:  # onnxruntime raises its own exception types for a missing kernel
@@ -76,6 +92,70 @@ def _attempt(model: Path, target: Path, block: set[str], reference: Reference | 
             continue
         return target, block, reference.measure(target) if reference is not None else None
     raise StepFailed("fp16: too many ops without a float16 kernel; use mode 'dynamic' instead")
+
+
+def _convert(model: Path, target: Path, block: set[str]) -> None:
+    """onnxruntime's converter, with what it gets wrong mended; raises StepFailed if the result is invalid.
+
+    It trusts the model's recorded value_info, and a stale record (the dynamo exporter's, or shape inference's
+    around a recurrent layer) makes it write a Cast of the wrong type; without the records it infers its own.
+    """
+    problem = ""
+    for keep_records in (True, False):
+        source = graph.load(model)
+        if not keep_records:
+            del source.graph.value_info[:]
+        converted = convert_float_to_float16(source, keep_io_types=True, op_block_list=sorted(block))
+        toposort(converted.graph)  # the converter appends its Cast nodes at the end of the graph
+        _drop_dangling_casts(converted.graph)
+        _halve_recurrent_weights(converted)
+        graph.save(converted, target)
+        try:
+            onnx.checker.check_model(str(target), full_check=True)
+            return
+        except Exception as exc:  # the checker's ValidationError or shape inference's InferenceError
+            problem = str(exc).splitlines()[0][:300]
+    raise StepFailed(f"the float16 converter wrote an invalid model: {problem}")
+
+
+def _halve_recurrent_weights(model: onnx.ModelProto) -> None:
+    """Recurrent layers run in float32, but their weights may still be stored in float16 behind a Cast, which
+    onnxruntime folds once at load: the file shrinks like the rest of the model."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    casts: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type not in ("LSTM", "GRU", "RNN"):
+            continue
+        for position in (1, 2, 3):
+            name = node.input[position] if len(node.input) > position else ""
+            tensor = initializers.get(name)
+            if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or readers.get(name, 0) != 1:
+                continue
+            half = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float16),
+                                                f"{name}.float16")
+            tensor.CopyFrom(half)
+            casts.append(onnx.helper.make_node("Cast", [half.name], [name], name=f"{name}.to_float32",
+                                               to=onnx.TensorProto.FLOAT))
+    if casts:
+        nodes = [*casts, *model.graph.node]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
+def _drop_dangling_casts(graph_proto: onnx.GraphProto) -> None:
+    """The converter wraps every output of a blocked node in a Cast, also the optional outputs the node does not
+    produce (an LSTM's unused Y_c): those Casts read nothing, and nothing reads them."""
+    available = {i.name for i in graph_proto.input} | {t.name for t in graph_proto.initializer}
+    available |= {o for n in graph_proto.node for o in n.output if o}
+    read = {i for n in graph_proto.node for i in n.input} | {o.name for o in graph_proto.output}
+    kept = [n for n in graph_proto.node if not (n.op_type == "Cast" and n.input[0] not in available
+                                                 and not read & set(n.output))]
+    del graph_proto.node[:]
+    graph_proto.node.extend(kept)
 
 
 def _cpu_float32_ops(path: Path, workdir: Path) -> set[str]:

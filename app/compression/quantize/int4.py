@@ -10,7 +10,7 @@ from app.compression import graph
 from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
 from app.compression.errors import InvalidRecipe, UnsupportedModel
-from app.compression.quantize.weights import quantized_counts, weighted_nodes
+from app.compression.quantize.weights import gemm_to_matmul, quantized_counts, weighted_nodes
 from app.compression.scoring import Reference, fidelity_dict, sample_data
 
 INT4_OPS = {"MatMul", "Gather"}
@@ -21,11 +21,14 @@ def run_int4(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) ->
     kinds = sorted(set(step.op_types or ["MatMul"]))
     if set(kinds) - INT4_OPS:
         raise InvalidRecipe(f"int4 quantizes MatMul (and Gather) weights only, not {', '.join(set(kinds) - INT4_OPS)}")
+    # MatMulNBits replaces MatMul only: Linear layers exported as Gemm become MatMul + Add first.
+    rewritten = gemm_to_matmul(proto) if "MatMul" in kinds else []
     targets = weighted_nodes(proto, set(kinds))
     if not [n for n in targets if n.op_type == "MatMul"] and not ("Gather" in kinds and targets):
-        gemms = sum(1 for n in proto.graph.node if n.op_type == "Gemm")
-        hint = f" (its {gemms} Gemm layers are not converted: use mode 'dynamic' or 'static')" if gemms else ""
-        raise UnsupportedModel(f"int4 needs MatMul layers with constant weights; this model has none{hint}")
+        others = sorted({n.op_type for n in proto.graph.node} & {"Conv", "ConvTranspose", "LSTM", "GRU"})
+        hint = f" (its {', '.join(others)} layers have no 4-bit kernel: use mode 'dynamic' or 'static')" \
+            if others else ""
+        raise UnsupportedModel(f"int4 needs MatMul or Gemm layers with constant weights; this model has none{hint}")
     ctx.progress(0.2, "quantizing weights to 4 bits")
     quantizer = _nbits_quantizer()(proto, bits=4, block_size=step.block_size, is_symmetric=True,
                                      op_types_to_quantize=tuple(kinds))
@@ -37,7 +40,8 @@ def run_int4(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) ->
     return {
         "op_types_quantized": kinds, "block_size": step.block_size, "symmetric": True, "bits": 4,
         "preprocessing": None, "preprocessing_reason": "weight-only: needs no shapes or calibration",
-        "weights_candidate": len(targets), **quantized_counts(graph.load(output)),
+        "weights_candidate": len(targets), "gemm_rewritten_to_matmul": len(rewritten),
+        **quantized_counts(graph.load(output)),
         "fidelity": fidelity_dict(fidelity),
         "fidelity_data": None if data is None else {"source": data.source, "samples": len(data)},
     }

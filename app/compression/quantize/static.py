@@ -137,7 +137,7 @@ def _calibration_data(model: Path, ctx: StepContext) -> ModelData:
         raise DataRequired("static quantization calibrates on real inputs, and this model has non-float inputs "
                            f"({', '.join(t.name for t in inputs if t.dtype.kind != 'f')}); upload a dataset, "
                            "or use mode 'dynamic', which needs none")
-    return model_data.synthetic(inputs, seed=ctx.seed, samples=CALIBRATION_SAMPLES)
+    return model_data.synthetic_for(model, seed=ctx.seed, samples=CALIBRATION_SAMPLES)
 
 
 def _op_types(proto: onnx.ModelProto, step: QuantizeStep) -> tuple[list[str], dict[str, str]]:
@@ -164,12 +164,12 @@ def _nonfinite_nodes(proto: onnx.ModelProto, op_types: list[str], feeds: dict[st
     tensors = {t for n in candidates for t in [*n.input, *n.output] if t}
     bad = nonfinite_tensors(proto, tensors, feeds, workdir)
     constant_readers = nonfinite_constant_consumers(proto)
-    excluded = {n.name: f"reads constant '{constant_readers[n.name]}' holding inf/NaN"
+    excluded = {n.name: f"reads constant '{constant_readers[n.name]}' holding inf/NaN or a mask value"
                 for n in candidates if n.name in constant_readers}
     for node in candidates:
         touched = sorted(bad & {*node.input, *node.output})
         if touched and node.name not in excluded:
-            excluded[node.name] = f"tensor '{touched[0]}' holds inf/NaN on calibration data"
+            excluded[node.name] = f"tensor '{touched[0]}' holds inf/NaN or mask values on calibration data"
     return excluded, bad
 
 

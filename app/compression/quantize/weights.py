@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from app.compression.quantize.calibrate import representable
+
 MS_DOMAIN = "com.microsoft"
 # FusedGemm activations that have a plain ONNX op of the same name (extended-level graphs carry them).
 _GEMM_ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "LeakyRelu"}
@@ -107,7 +109,7 @@ def _replace_initializer(graph: onnx.GraphProto, initializers: dict[str, TensorP
 
 
 def nonfinite_constant_consumers(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> constant it reads that holds inf or NaN (an int8 range cannot represent either)."""
+    """Node name -> constant it reads that holds inf, NaN or a mask-like extreme (no int8 range holds them)."""
     tensors = list(model.graph.initializer)
     for node in model.graph.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
@@ -117,7 +119,7 @@ def nonfinite_constant_consumers(model: onnx.ModelProto) -> dict[str, str]:
             named.name = node.output[0]
             tensors.append(named)
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
-    bad = {t.name for t in tensors if t.data_type in floats and not np.all(np.isfinite(numpy_helper.to_array(t)))}
+    bad = {t.name for t in tensors if t.data_type in floats and not representable(numpy_helper.to_array(t))}
     return {n.name: next(i for i in n.input if i in bad) for n in model.graph.node if any(i in bad for i in n.input)}
 
 

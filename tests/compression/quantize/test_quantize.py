@@ -18,7 +18,7 @@ from app.compression.data import ModelData
 from app.compression.errors import Cancelled, DataRequired, UnsupportedModel
 from app.compression.progress import CancelToken, StepProgress
 from app.compression.quantize import static as quantize_static
-from tests.helpers import CNN, MLP, TRANSFORMER
+from tests.helpers import CNN, MLP, TRANSFORMER, convolutions_only
 
 MakeCtx = Callable[..., StepContext]
 
@@ -79,12 +79,21 @@ def test_dynamic_transformer_quantizes_its_projections(
     assert _cosine(original, quantized) > 0.99
 
 
-def test_dynamic_cnn_leaves_convolutions_in_float(tmp_path: Path, make_ctx: MakeCtx, cnn_data: ModelData) -> None:
+def test_dynamic_cnn_stores_convolution_weights_in_int8_and_computes_them_in_float(
+    tmp_path: Path, make_ctx: MakeCtx, cnn_data: ModelData,
+) -> None:
     output, notes = _quantize(CNN, tmp_path, make_ctx(CNN, cnn_data), mode="dynamic")
 
     assert "ConvInteger" not in _ops(output) and "Conv" in _ops(output)
-    assert "MatMulInteger" in _ops(output)
-    assert "Conv" in notes["op_types_skipped"] and notes["op_types_quantized"] == ["MatMul"]
+    assert "MatMulInteger" in _ops(output) and notes["op_types_quantized"] == ["MatMul"]
+    assert notes["weight_only_op_types"] == ["Conv"] and notes["convolutions_weight_only"]["weights"] == 4
+    conv_weights = {n.input[1] for n in graph.load(output).graph.node if n.op_type == "Conv"}
+    producers = {o: n for n in graph.load(output).graph.node for o in n.output}
+    assert {producers[w].op_type for w in conv_weights} == {"DequantizeLinear"}
+    # onnxruntime folds the dequantization into float weights at load only when told to: the model says so
+    assert graph.session_config(output) == {"session.disable_quant_qdq": "1"}
+    assert notes["size_ratio"] < 0.4
+    assert _cosine(_outputs(CNN, cnn_data), _outputs(output, cnn_data)) > 0.999
 
 
 def test_dynamic_refuses_a_model_with_nothing_to_quantize(tmp_path: Path, make_ctx: MakeCtx) -> None:
@@ -173,21 +182,33 @@ def test_int4_packs_transformer_matmuls(tmp_path: Path, make_ctx: MakeCtx, trans
     output, notes = _quantize(TRANSFORMER, tmp_path, make_ctx(TRANSFORMER, transformer_data), mode="int4")
 
     nbits = [n for n in graph.load(output).graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == notes["quantized_nodes"] == 8  # the 8 projections; attention's own MatMuls stay
+    # the 8 projections and the output head (a Gemm, rewritten); attention's own MatMuls stay
+    assert len(nbits) == notes["quantized_nodes"] == 9 and notes["gemm_rewritten_to_matmul"] == 1
     assert {a.name: a.i for a in nbits[0].attribute}["block_size"] == 32
     assert _cosine(_outputs(TRANSFORMER, transformer_data), _outputs(output, transformer_data)) > 0.99
 
 
-def test_int4_refuses_a_model_without_matmul_weights(tmp_path: Path, make_ctx: MakeCtx) -> None:
-    with pytest.raises(UnsupportedModel, match="int4 needs MatMul layers with constant weights"):
-        quantize.run(CNN, tmp_path / "out.onnx", QuantizeStep(mode="int4"), make_ctx(CNN))
+def test_int4_packs_the_linear_layers_a_cnn_exports_as_gemm(
+    tmp_path: Path, make_ctx: MakeCtx, cnn_data: ModelData,
+) -> None:
+    output, notes = _quantize(CNN, tmp_path, make_ctx(CNN, cnn_data), mode="int4")
+
+    assert notes["gemm_rewritten_to_matmul"] == 2 and notes["quantized_nodes"] == 2
+    assert "Gemm" not in _ops(output) and "MatMulNBits" in _ops(output) and "Conv" in _ops(output)
+    assert _cosine(_outputs(CNN, cnn_data), _outputs(output, cnn_data)) > 0.99
+
+
+def test_int4_refuses_a_model_of_convolutions_only(tmp_path: Path, make_ctx: MakeCtx) -> None:
+    path = convolutions_only(tmp_path / "convs.onnx")
+    with pytest.raises(UnsupportedModel, match="int4 needs MatMul or Gemm layers.*its Conv layers have no 4-bit"):
+        quantize.run(path, tmp_path / "out.onnx", QuantizeStep(mode="int4"), make_ctx(path))
 
 
 def test_preprocessing_falls_back_and_leaves_the_working_directory_clean(
     tmp_path: Path, make_ctx: MakeCtx, transformer_data: ModelData, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Contrib ops from the extended level make symbolic shape inference fail, which is when onnxruntime's
-    # pre-processing drops <uuid>.data files into the current directory.
+    # Contrib ops from the extended level make symbolic shape inference fail, which is when onnxruntime's own
+    # pre-processing tool drops sym_shape_infer_temp.onnx and <uuid>.data files into the current directory.
     extended = tmp_path / "extended.onnx"
     optimize.run(TRANSFORMER, extended, OptimizeStep(level="extended"), make_ctx(TRANSFORMER, transformer_data))
     cwd = tmp_path / "cwd"
@@ -201,7 +222,7 @@ def test_preprocessing_falls_back_and_leaves_the_working_directory_clean(
     assert list(cwd.iterdir()) == []
 
 
-def test_cancelling_stops_the_preprocessing_child(tmp_path: Path, make_ctx: MakeCtx, mlp_data: ModelData) -> None:
+def test_cancelling_stops_during_preprocessing(tmp_path: Path, make_ctx: MakeCtx, mlp_data: ModelData) -> None:
     token = CancelToken()
 
     def report(_fraction: float, stage: str) -> None:
