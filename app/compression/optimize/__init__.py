@@ -13,6 +13,7 @@ so for those nodes the real check is the one that follows it: onnxruntime must o
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,15 @@ def run(model: Path, output: Path, step: OptimizeStep, ctx: StepContext) -> dict
         _save(_ort_optimized(model, level, ctx.workdir), output)
         notes["fidelity"] = check(output)
     ctx.progress(0.8, "measuring latency")
+    timing = _timing(model, output, data, ctx)
+    if timing["speedup"] and max(timing["speedup"].values()) < 1 / PAYS_FROM:
+        shutil.copyfile(model, output)  # slower at every batch size measured: the input is the better model
+        timing["kept_input"] = f"the optimized graph was slower ({timing['verdict']}); the input is kept"
     after = op_counts(graph.load(output))
     notes.update({
         "level": level, "level_requested": step.level, "op_counts": {"input": before, "output": after},
         "nodes": {"input": sum(before.values()), "output": sum(after.values())},
-        "fused": _fused(before, after), **_timing(model, output, data, ctx),
+        "fused": _fused(before, after), **timing,
     })
     ctx.progress(1.0, "optimized")
     return notes

@@ -219,6 +219,33 @@ def _shape_tail(g: _Graph, shape: str, count: int = 3) -> list[int] | None:
     return tail if len(tail) == count else None
 
 
+def detect_heads(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(num_heads, hidden_size) of separate-projection attention, from the split into heads exporters write:
+    Transpose(0,2,1,3) of Reshape(Add(MatMul(x, W[hidden, H*D]), b), [.., H or -1, D]). The most common wins.
+
+    onnxruntime's optimizer reads them from a constant Reshape target only, which the TorchScript exporter never
+    writes (it builds the shape with Shape/Gather/Concat), so without this it fuses no attention at all.
+    """
+    g = _Graph(model)
+    seen: dict[tuple[int, int], int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Transpose" or _attr(node, "perm") != [0, 2, 1, 3]:
+            continue
+        split = g.parent(node, 0, "Reshape")
+        add = g.parent(split, 0, "Add") if split is not None else None
+        tail = _shape_tail(g, split.input[1], 2) if split is not None else None
+        if add is None or tail is None or tail[1] <= 0:
+            continue
+        matmul = g.parent(add, 0, "MatMul") or g.parent(add, 1, "MatMul")
+        weight = g.constant(matmul.input[1]) if matmul is not None else None
+        if weight is None or weight.ndim != 2 or weight.shape[1] % tail[1]:
+            continue
+        heads = weight.shape[1] // tail[1] if tail[0] == -1 else tail[0]  # view(..., -1, head_dim) is common
+        if heads * tail[1] == weight.shape[1]:
+            seen[(heads, weight.shape[1])] = seen.get((heads, weight.shape[1]), 0) + 1
+    return max(seen, key=lambda k: seen[k]) if seen else None
+
+
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
     """Drop nodes (and initializers) nothing reads any more; returns how many nodes went."""
     graph = model.graph

@@ -20,7 +20,8 @@ from onnxruntime.transformers.optimizer import optimize_model
 
 from app.compression import graph
 from app.compression.graph import op_counts, prune_opsets
-from app.compression.optimize.attention import Fused, fuse_attention
+from app.compression.optimize.attention import Fused, detect_heads, fuse_attention
+from app.compression.optimize.separate_attention import fuse_separate_attention
 
 # family -> (FusionOptions switches, op types that show it fired)
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -57,19 +58,26 @@ class TransformerFusions:
     def __init__(self, model: Path, workdir: Path, check: Check) -> None:
         self.model, self.workdir, self.check = model, workdir, check
         self.notes: dict[str, Any] = {"optimizer": "onnxruntime.transformers.optimizer", "model_type": "bert"}
-        self.fused_proto, self.fused = self._packed_attention()
+        self.fused_proto, self.fused = self._own_fusion(fuse_attention, "packed_attention")
+        detected = None if self.fused.count else detect_heads(graph.load(model))
+        self.heads, self.hidden = (self.fused.num_heads, self.fused.hidden_size) if self.fused.count else \
+            detected or (0, 0)
+        self.heads_source = "the packed attention blocks" if self.fused.count else \
+            "the split into heads of the Q/K/V projections" if detected else "not found: attention stays unfused"
 
-    def _packed_attention(self) -> tuple[onnx.ModelProto | None, Fused]:
+    def _own_fusion(self, fuse: Callable[[onnx.ModelProto], Fused],
+                    label: str) -> tuple[onnx.ModelProto | None, Fused]:
+        """One of our attention fusions on the input, kept only if the fused model computes the same."""
         proto = graph.load(self.model)
-        fused = fuse_attention(proto)
-        self.notes["packed_attention_fused"] = fused.count
+        fused = fuse(proto)
+        self.notes[f"{label}_fused"] = fused.count
         if not fused.count:
             return None, fused
-        path = graph.save(proto, self.workdir / "packed-attention.onnx")
+        path = graph.save(proto, self.workdir / f"{label}.onnx")
         try:
             self.check(path)
-        except Exception as exc:  # StepFailed: a wrong match; the optimizer's own fusions still run
-            self.notes.update({"packed_attention_fused": 0, "packed_attention_rejected": str(exc)})
+        except Exception as exc:  # StepFailed or onnxruntime's refusal: a wrong match; other fusions still run
+            self.notes.update({f"{label}_fused": 0, f"{label}_rejected": str(exc)[:300]})
             return None, Fused(0, 0, 0)
         return proto, fused
 
@@ -80,9 +88,10 @@ class TransformerFusions:
                 setattr(options, switch, False)
         use_ours = self.fused_proto is not None and "attention" not in disabled
         source = self.fused_proto if use_ours and self.fused_proto is not None else graph.load(self.model)
-        heads, hidden = (self.fused.num_heads, self.fused.hidden_size) if self.fused.count else (0, 0)
+        if not self.heads:
+            options.enable_attention = False  # the optimizer would guess, and log that it cannot
         # opt_level 0: Python fusions only, so the saved graph has no provider-specific layout.
-        optimized = optimize_model(_copy(source), model_type="bert", num_heads=heads, hidden_size=hidden,
+        optimized = optimize_model(_copy(source), model_type="bert", num_heads=self.heads, hidden_size=self.hidden,
                                    opt_level=0, optimization_options=options)
         result: onnx.ModelProto = optimized.model
         prune_opsets(result)
@@ -92,26 +101,50 @@ class TransformerFusions:
         return Variant(disabled, path, _fired(self.model, result), statistics, self.check(path))
 
     def search(self, speed: Speed | None) -> Variant:
-        """All fusions, then each fired family dropped in turn, kept dropped when that is measurably faster."""
+        """All fusions, then each fired family dropped in turn, kept dropped when that is measurably faster.
+
+        When even the best is not faster than the input (measured), the input itself is the answer: a fusion
+        is kept only where it pays.
+        """
         best = self.build(frozenset())
         tried = [best]
         if speed is not None:
             best.speedup = speed(best.path)
+            if "attention" not in best.fired and self.fused_proto is None and self.heads:
+                best = self._try_separate_attention(best, speed, tried)
             for family in list(best.fired):
                 variant = self.build(best.disabled | {family})
                 variant.speedup = speed(variant.path)
                 tried.append(variant)
                 if variant.score() > best.score() * _BETTER_BY:
                     best = variant
-        heads = self.fused.num_heads
+            if best.score() < 1.0:
+                unchanged = Variant(frozenset(FAMILIES), self.model, [], {}, None, dict.fromkeys(best.speedup, 1.0))
+                self.notes["kept_input"] = (f"no combination of fusions was faster than the input "
+                                            f"(best {best.score():.2f}x): the model is left as it was")
+                best = unchanged
         self.notes.update({
-            "num_heads": heads, "hidden_size": self.fused.hidden_size,
-            "num_heads_source": "detected from the attention blocks" if heads else "0: the optimizer infers it",
+            "num_heads": self.heads, "hidden_size": self.hidden, "num_heads_source": self.heads_source,
             "fusions_kept": best.fired, "fusions_dropped": sorted(best.disabled),
             "optimizer_statistics": best.statistics, "fidelity": best.fidelity,
             "fusion_search": [{"without": sorted(v.disabled), "fired": v.fired, "speedup": v.speedup}
                               for v in tried],
         })
+        return best
+
+    def _try_separate_attention(self, best: Variant, speed: Speed, tried: list[Variant]) -> Variant:
+        """onnxruntime fused no attention: ours for separate Q/K/V projections, kept if it is faster."""
+        proto, fused = self._own_fusion(fuse_separate_attention, "separate_attention")
+        if proto is None:
+            return best
+        self.fused_proto, self.fused = proto, fused
+        variant = self.build(frozenset())
+        variant.speedup = speed(variant.path)
+        tried.append(variant)
+        if variant.score() > best.score() * _BETTER_BY:
+            return variant
+        self.fused_proto, self.fused = None, Fused(0, 0, 0)
+        self.notes["separate_attention_dropped"] = f"not faster ({variant.score():.2f}x against {best.score():.2f}x)"
         return best
 
 
