@@ -29,6 +29,7 @@ ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Mod", "Equal", "Greater",
     "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor",
 })
+CONTRIB_POSITIONWISE = frozenset({"Gelu", "QuickGelu", "FastGelu", "BiasGelu"})
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 
@@ -188,6 +189,10 @@ class AnalyzerCore:
             hidden = [self._layouts[n] for n in outer if n in self._layouts]
             if hidden:
                 self._pin_all(dict(enumerate(hidden)), f"{node.op_type} '{label}' reads the channels in a subgraph")
+            if node.domain == "com.microsoft" and node.op_type in CONTRIB_POSITIONWISE:
+                # onnxruntime's GELU fusions act position by position; a bias input is a per-channel constant
+                (self._unary if len(node.input) == 1 else self._elementwise)(index, node, label, tracked)
+                continue
             if node.domain not in ("", "ai.onnx"):
                 self._pin_all(tracked, f"custom op {node.domain}.{node.op_type} '{label}' consumes the channels")
                 continue

@@ -30,6 +30,21 @@ from app.compression.prune.report import accuracy_notes, latency_notes, paramete
 from app.compression.prune.reshape import analyze
 
 
+def shrinkable(model: onnx.ModelProto) -> tuple[int, str]:
+    """(layers structured pruning may shrink, why the others stay as they are), from the dependency analysis
+    alone: the server asks this at upload, so a recipe that cannot shrink anything is refused at submission."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    lift_constants(proto)
+    analysis = analyze(proto, inferred_shapes(proto))
+    found = groups(analysis)
+    free = [g for g in found if not g.reasons and len(g.classes) > 1]
+    reasons = "; ".join(dict.fromkeys(r for g in found for r in g.reasons[:1]))
+    if not analysis.producers:
+        reasons = "no Conv, Gemm or MatMul with a constant weight and more than one output channel"
+    return sum(len(g.producers) for g in free), reasons[:600]
+
+
 def run_structured(model: Path, output: Path, step: PruneStep, ctx: StepContext) -> dict[str, Any]:
     if step.importance == "taylor" and (ctx.train is None or ctx.train.source == "synthetic"):
         raise DataRequired("importance 'taylor' ranks channels by their effect on the loss over real samples: "

@@ -16,7 +16,10 @@ from app.compression.errors import UnsupportedModel
 from app.compression.prune.report import accuracy_notes, parameter_notes, size_notes
 
 # Inputs of each op that hold weights for unstructured pruning (biases and normalization parameters never do).
-_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "ConvTranspose": (1,),
+                  # onnxruntime's fusions keep their weights in the same places
+                  "com.microsoft.Attention": (1,), "com.microsoft.FusedConv": (1,), "com.microsoft.FusedGemm": (0, 1),
+                  "com.microsoft.FusedMatMul": (0, 1)}
 
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
@@ -29,9 +32,8 @@ def _weight_tensors(model: onnx.ModelProto) -> dict[str, list[str]]:
                   if t.name not in overridable and t.data_type in _FLOAT_TYPES and len(t.dims) >= 2}
     found: dict[str, list[str]] = {}
     for index, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        for position in _WEIGHT_INPUTS.get(node.op_type, ()):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        for position in _WEIGHT_INPUTS.get(key, ()):
             if position < len(node.input) and node.input[position] in candidates:
                 found.setdefault(node.input[position], []).append(node.name or f"{node.op_type}_{index}")
     return found
