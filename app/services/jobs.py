@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.compression import preflight
 from app.compression.config import AUTO, Budget, DistillStep, Recipe, parse_recipe
 from app.compression.errors import InvalidRecipe
 from app.errors import Conflict, InvalidContent, ModelNotFound, NotFound
@@ -50,6 +51,9 @@ class JobService:
             checked_budget = _budget(budget)
             chosen_dataset = _dataset(model, dataset)
             _check_data_needs(model, parsed, chosen_dataset, checked_budget, session)
+            problems = preflight.check((model.config or {}).get("profile") or {}, parsed, chosen_dataset is not None)
+            if problems:
+                raise InvalidContent(preflight.describe(problems), code="recipe_not_applicable")
             name = self._variant_name(session, model, variant, preset)
             job = JobRow(
                 id=str(uuid.uuid4()), model_id=model.id, model_name=model.name,

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.compression import preflight
 from app.errors import Conflict, InvalidContent, InvalidInput, ModelNotFound, NotFound, VariantNotFound
 from app.formats import datasets as dataset_format
 from app.formats import torch_archive
@@ -100,6 +101,7 @@ class ModelService:
         if dataset is not None:
             sample_feeds = {spec.name: dataset_format.batch_of(dataset, spec, 8) for spec in info.inputs}
         warning = smoke_test(session_ort, info.inputs, sample_feeds)
+        model_profile = preflight.profile(model.temp.path, runner=session_ort)
         del session_ort
         warnings = [warning] if warning else []
 
@@ -108,7 +110,8 @@ class ModelService:
             name=name, state="ready", format="onnx", sha256=model.temp.sha256,
             size_bytes=model_path.stat().st_size, opset=info.opset, parameters=info.parameters,
             inputs=[s.to_json() for s in info.inputs], outputs=[s.to_json() for s in info.outputs],
-            warnings=warnings, routing={"default": ORIGINAL, "canary": None, "shadow": None}, config={},
+            warnings=warnings, routing={"default": ORIGINAL, "canary": None, "shadow": None},
+            config={"profile": model_profile},
         )
         row.variants.append(VariantRow(
             name=ORIGINAL, recipe=None, parent=None, sha256=row.sha256, size_bytes=row.size_bytes, report=None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.compression import preflight
 from app.compression.errors import Cancelled, CompressionError
 from app.errors import SlimServeError
 from app.formats import datasets as dataset_format
@@ -54,6 +55,7 @@ class ConversionRunner:
         progress(0.95, "checking the ONNX model")
         info, session_ort = inspect_onnx(output, display_name=f"the ONNX model converted from {label}",
                                          providers=["CPUExecutionProvider"])
+        model_profile = preflight.profile(output, runner=session_ort)
         del session_ort
         dataset = dataset_format.check_dataset(samples, info.inputs, display_name="the samples") \
             if samples is not None else None
@@ -74,7 +76,7 @@ class ConversionRunner:
             model.opset, model.parameters = info.opset, info.parameters
             model.warnings = list(model.warnings or []) + result.warnings
             conversion.update(state="succeeded", **result.to_json())
-            model.config = {**(model.config or {}), "conversion": conversion}
+            model.config = {**(model.config or {}), "conversion": conversion, "profile": model_profile}
             model.variants.append(VariantRow(name=ORIGINAL, recipe=None, parent=None, sha256=sha, size_bytes=size,
                                              report=None))
             if dataset is not None and samples_sha and samples_path is not None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
 from tests.conftest import upload
-from tests.helpers import CNN, CNN_SAMPLES, MLP, MLP_SAMPLES, npz_bytes
+from tests.helpers import CNN, CNN_SAMPLES, MLP, MLP_SAMPLES, convolutions_only, npz_bytes
 from tests.worker.helpers import wait_for_job, wait_for_state
 
 ROW = {"inputs": [[0.0] * 64]}
@@ -120,11 +122,22 @@ def test_data_requirements_are_checked_before_queueing(client: TestClient) -> No
     assert wrong_model.status_code == 422 and "datasets belong to one model" in wrong_model.json()["error"]
 
 
+def test_a_recipe_that_cannot_apply_is_refused_at_submission(client: TestClient, tmp_path: Path) -> None:
+    convs = convolutions_only(tmp_path / "convs.onnx")
+    assert upload(client, "convs", convs).status_code == 201
+    refused = client.post("/models/convs/compressions", json={"recipe": "int4-weight"})
+    assert refused.status_code == 422 and refused.json()["code"] == "recipe_not_applicable"
+    assert "int4 needs MatMul or Gemm layers" in refused.json()["error"]
+    assert client.get("/jobs").json()["jobs"] == []
+
+
 def test_job_failing_in_the_worker_says_why(client: TestClient) -> None:
     assert upload(client, "cnn", CNN, CNN_SAMPLES).status_code == 201
-    job = client.post("/models/cnn/compressions", json={"recipe": "int4-weight"}).json()
+    # zeroing half the weights moves the outputs: no cosine budget of zero is met, so nothing is kept
+    job = client.post("/models/cnn/compressions", json={
+        "recipe": "prune-50", "promote": True, "budget": {"metric": "cosine", "max_drop": 0.0}}).json()
     done = wait_for_job(client, job["id"])
-    assert done["state"] == "failed" and "MatMul" in done["error"]
+    assert done["state"] == "failed" and "misses the budget" in done["error"]
     assert [v["name"] for v in client.get("/models/cnn/variants").json()["variants"]] == ["original"]
     assert client.delete(f"/jobs/{job['id']}").status_code == 409  # finished jobs cannot be cancelled
     assert client.get("/jobs/unknown-id").status_code == 404

@@ -1,0 +1,119 @@
+"""What a recipe needs from a model, checked at submission instead of an hour into a job.
+
+`profile` reads a model once (at upload or after its conversion) into a small JSON-able summary: its op types,
+which layers hold constant weights (wherever the exporter put them), what the training bridge cannot run, and
+the size at which generated inputs run it. `check` then answers, from the profile alone, why a recipe cannot
+apply; the server keeps the profile with the model, so no replica needs the model file to refuse a request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto
+
+from app.compression import data as model_data
+from app.compression import graph
+from app.compression.config import DistillStep, PruneStep, QuantizeStep, Recipe
+from app.compression.distill.bridge import coverage
+from app.compression.errors import DataRequired
+from app.compression.normalize import lift_constants, resolve_identities
+
+PROFILE_VERSION = 1
+# Which input holds the weight, per op type whose weights steps work on.
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0, "LSTM": 1, "GRU": 1,
+                 "com.microsoft.Attention": 1}
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def profile(model: Path, runner: Any = None) -> dict[str, Any]:
+    """The summary `check` needs; runs the model (on `runner`, an open session, if given) a few times to find
+    a size for generated inputs."""
+    proto = graph.load(model)
+    lift_constants(proto)
+    resolve_identities(proto)
+    floats = {t.name for t in proto.graph.initializer if t.data_type in _FLOATS and len(t.dims) >= 2}
+    weights: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        position = _WEIGHT_INPUT.get(key)
+        if position is not None and len(node.input) > position and node.input[position] in floats:
+            weights[key] = weights.get(key, 0) + 1
+    try:
+        synthetic: dict[str, Any] = {"size": model_data.plan_synthetic(model, runner=runner).size}
+    except DataRequired as exc:
+        synthetic = {"error": str(exc)}
+    return {
+        "version": PROFILE_VERSION,
+        "ops": sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                       for n in proto.graph.node}),
+        "weights": dict(sorted(weights.items())),
+        "float_weights": bool(floats),
+        "family": graph.model_family(proto),
+        "bridge_unsupported": coverage.unsupported(proto),
+        "structured": _structured(proto),
+        "synthetic": synthetic,
+    }
+
+
+def _structured(proto: onnx.ModelProto) -> dict[str, Any]:
+    from app.compression.prune.structured import shrinkable  # the analysis is pure onnx/numpy, no torch
+
+    try:
+        layers, reason = shrinkable(proto)
+    except Exception as exc:  # an analysis bug must not stop an upload; the job would meet it and say so
+        return {"layers": None, "reason": f"not analysed ({type(exc).__name__})"}
+    return {"layers": layers, "reason": reason}
+
+
+def check(summary: dict[str, Any], recipe: Recipe | None, has_dataset: bool) -> list[str]:
+    """Why `recipe` (None: `auto`) cannot apply to the profiled model, one reason per problem; empty if it can."""
+    if summary.get("version") != PROFILE_VERSION:
+        return []  # a profile from another version: the job's own checks decide
+    problems: list[str] = []
+    synthetic = summary.get("synthetic") or {}
+    if not has_dataset and "error" in synthetic:
+        problems.append(synthetic["error"])
+    for index, step in enumerate(recipe.steps if recipe is not None else []):
+        reason = _step_problem(summary, step, has_dataset)
+        if reason:
+            problems.append(f"step {index + 1} ({step.op}): {reason}")
+    return problems
+
+
+def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool) -> str | None:
+    weights: dict[str, int] = summary.get("weights") or {}
+    ops = ", ".join(summary.get("ops") or []) or "no operators"
+    if isinstance(step, QuantizeStep):
+        if step.mode == "fp16" and not summary.get("float_weights"):
+            return "fp16 converts float32 weights, and this model has none"
+        if step.mode == "int4" and not (weights.get("MatMul") or weights.get("Gemm") or (
+                step.op_types and "Gather" in step.op_types and weights.get("Gather"))):
+            return "int4 needs MatMul or Gemm layers with constant weights; this model has none"
+        if step.mode in ("dynamic", "static") and not weights:
+            return f"{step.mode} quantization finds no layer with constant weights; this model has {ops}"
+        return None
+    if isinstance(step, PruneStep):
+        if not (weights.keys() & {"Conv", "Gemm", "MatMul", "ConvTranspose", "com.microsoft.Attention"}):
+            return "pruning finds no Conv, Gemm or MatMul with constant weights in this model"
+        structured = summary.get("structured") or {}
+        if step.mode == "structured" and structured.get("layers") == 0:
+            return f"structured pruning finds no layer it can safely shrink: {structured.get('reason')}"
+        if step.importance == "taylor" and summary.get("bridge_unsupported"):
+            return _bridge(summary)
+        return None
+    if isinstance(step, DistillStep) and summary.get("bridge_unsupported"):
+        return _bridge(summary)
+    return None
+
+
+def _bridge(summary: dict[str, Any]) -> str:
+    missing = ", ".join(summary["bridge_unsupported"][:8])
+    return (f"training runs the model through SlimServe's ONNX-to-torch bridge, which cannot run {missing}; "
+            "use a recipe without distillation (quantize, unstructured prune)")
+
+
+def describe(problems: list[str]) -> str:
+    return "this recipe cannot apply to the model: " + "; ".join(problems)
