@@ -35,6 +35,7 @@ from app.compression import (  # noqa: E402
 )
 from app.compression.data import from_npz  # noqa: E402
 from app.compression.graph import io_info  # noqa: E402
+from benchmarks.docs_section import write_section  # noqa: E402
 
 MODELS = REPO / "models"
 CNN = MODELS / "digits_cnn.onnx"
@@ -165,7 +166,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        args.write.write_text(report + "\n")
+        write_section(args.write, "presets", report)
 
 
 if __name__ == "__main__":

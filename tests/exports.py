@@ -72,7 +72,7 @@ def paddle_models() -> dict[str, Path]:
     return {kind: path for kind, path in found.items() if path is not None}
 
 
-def text_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+def text_images(count: int, height: int, width: int, seed: int = 0, font_size: int | None = None) -> np.ndarray:
     """[count, 3, height, width] renderings of lines of text in PaddleOCR's normalization ([-1, 1]): what its
     models see, unlike noise (words from the GPL's text, which every Debian system carries, or a fixed phrase)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -80,13 +80,13 @@ def text_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarra
     licence = Path("/usr/share/common-licenses/GPL-3")
     words = licence.read_text().split() if licence.is_file() else "the quick brown fox jumps over a lazy dog".split()
     rng = np.random.default_rng(seed)
-    size = max(10, height // 2)
+    size = font_size or max(10, height // 2)
     font = ImageFont.load_default(size=size)
     images = []
     for _ in range(count):
         image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(180, 256, 3)))
         draw = ImageDraw.Draw(image)
-        for top in range(2, height - size, size + 6):
+        for top in range(2, max(height - size, 3), size + 6):
             start = int(rng.integers(0, len(words) - 6))
             draw.text((int(rng.integers(0, 12)), top), " ".join(words[start:start + 5]), font=font,
                       fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
