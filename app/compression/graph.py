@@ -7,8 +7,10 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,8 +18,6 @@ import onnxruntime as ort
 from onnx import helper
 
 from app.compression.errors import StepFailed
-
-_PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,182 @@ def load(path: Path, weights: bool = True) -> onnx.ModelProto:
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
-    """Write one self-contained file (no external-data sidecar), every opset domain its nodes use declared."""
+    """Write the model with every opset domain its nodes use declared: one file, or, past protobuf's 2 GB, the
+    graph in `path` and the large weights in `<path>.data` beside it (the layout exporters write)."""
     declare_domains(model)
-    if model.ByteSize() > _PROTOBUF_LIMIT:
-        raise StepFailed("the result is larger than 2 GB, which one ONNX file cannot hold")
-    onnx.save_model(model, str(path), save_as_external_data=False)
+    sidecar = external_data_path(path)
+    sidecar.unlink(missing_ok=True)  # a smaller model written over a large one leaves none behind
+    if not is_large(model):
+        onnx.save_model(model, str(path), save_as_external_data=False)
+        return path
+    weights = strip_weights(model)
+    try:
+        temp = sidecar.with_name(sidecar.name + ".part")
+        with open(temp, "wb") as handle:
+            for tensor in _stashed(model):
+                offset = handle.tell()
+                handle.write(weights[tensor.name])
+                del tensor.external_data[:]
+                for key, value in (("location", sidecar.name), ("offset", str(offset)),
+                                   ("length", str(len(weights[tensor.name])))):
+                    tensor.external_data.add(key=key, value=value)
+        temp.replace(sidecar)
+        onnx.save_model(model, str(path), save_as_external_data=False)
+    finally:
+        for tensor in model.graph.initializer:
+            if tensor.name in weights:  # the caller's model keeps its weights in memory
+                tensor.raw_data = weights[tensor.name]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
     return path
+
+
+# Protobuf's limit on one message (and so one .onnx file); LARGE_MODEL_BYTES may be lowered to test the path.
+_PROTOBUF_LIMIT = 2**31 - 1
+LARGE_MODEL_BYTES = _PROTOBUF_LIMIT
+# Initializers at least this large go to external data and are set aside by strip_weights; smaller ones (shapes,
+# biases) stay in the graph, for analyses.
+EXTERNAL_MIN_BYTES = 1 << 16
+_STASH = "slimserve-stashed-weights"
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Past what one protobuf message holds (protobuf refuses even to measure such a message)."""
+    try:
+        return bool(model.ByteSize() > LARGE_MODEL_BYTES)
+    except Exception:  # google.protobuf.message.EncodeError
+        return True
+
+
+def external_data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def strip_weights(model: onnx.ModelProto) -> dict[str, bytes]:
+    """Move the large initializers' bytes out of the proto (which keeps their dtype and dims), so that what
+    serializes the whole model (shape inference, the version converter, a copy) works past 2 GB and does not
+    copy gigabytes. Put them back with `restore_weights`, by name."""
+    from onnx import numpy_helper
+
+    stash: dict[str, bytes] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.HasField("raw_data"):
+            if len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            stash[tensor.name] = tensor.raw_data
+        else:
+            if helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * int(np.prod(tensor.dims)) \
+                    < EXTERNAL_MIN_BYTES:
+                continue
+            stash[tensor.name] = numpy_helper.to_array(tensor).tobytes()
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        tensor.external_data.add(key="location", value=_STASH)
+    return stash
+
+
+def restore_weights(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
+    """Put back what `strip_weights` set aside; refuses a model that lost track of a stashed tensor."""
+    for tensor in _stashed(model):
+        if tensor.name not in stash:
+            raise StepFailed(f"initializer '{tensor.name}' lost its weights while the graph was rewritten")
+        tensor.raw_data = stash[tensor.name]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _stashed(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == _STASH for e in t.external_data)]
+
+
+def structural(model: onnx.ModelProto,
+               transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> onnx.ModelProto:
+    """A whole-model transform that serializes the model (shape inference, the version converter) at any size:
+    past 2 GB it runs on the structure, the weights set aside and put back into its result by name."""
+    if not is_large(model):
+        return transform(model)
+    weights = strip_weights(model)
+    try:
+        result = transform(model)
+    finally:
+        restore_weights(model, weights)
+    restore_weights(result, weights)
+    return result
+
+
+def infer_shapes(model: onnx.ModelProto, **options: Any) -> onnx.ModelProto:
+    return structural(model, lambda proto: onnx.shape_inference.infer_shapes(proto, **options))
+
+
+def model_files(path: Path) -> list[Path]:
+    """The .onnx file and the external data files it names (beside it), in that order."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    names: list[str] = []
+    for tensor in _all_tensors(load(path, weights=False)):
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            if location not in names:
+                names.append(location)
+    return [path, *(path.parent / name for name in names)]
+
+
+def model_bytes(path: Path) -> int:
+    """What the model occupies on disk, external data included."""
+    return sum(p.stat().st_size for p in model_files(path))
+
+
+def rename_external_data(path: Path, name: str) -> bool:
+    """Give the model's one external data file another name (its references follow; the weights are not read).
+    False when there was nothing to rename."""
+    files = model_files(path)
+    if len(files) != 2 or files[1].name == name:
+        return False
+    structure = load(path, weights=False)
+    for tensor in _all_tensors(structure):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == files[1].name:
+                entry.value = name
+    files[1].rename(path.parent / name)
+    onnx.save_model(structure, str(path), save_as_external_data=False)
+    return True
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(model))
+
+
+def gzip_bytes(path: Path) -> int:
+    """The model's size gzipped (level 6), streamed over its files: how much sparsity and clustering save on the
+    wire and in storage."""
+    import zlib
+
+    compressor, total = zlib.compressobj(6, zlib.DEFLATED, 31), 0
+    for file in model_files(path):
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    """`source` as `target`: a plain copy, or for a model with external data, saved again so that its data file
+    follows the new name."""
+    import shutil
+
+    if len(model_files(source)) == 1:
+        external_data_path(target).unlink(missing_ok=True)
+        shutil.copyfile(source, target)
+        return target
+    return save(load(source), target)
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
@@ -55,7 +225,7 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
 
 
 def io_info(model: onnx.ModelProto | Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
-    proto = load(model) if isinstance(model, Path) else model
+    proto = load(model, weights=False) if isinstance(model, Path) else model
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [_tensor_info(v) for v in proto.graph.input if v.name not in initializers]
     return inputs, [_tensor_info(v) for v in proto.graph.output]

@@ -58,13 +58,13 @@ def normalize(model: Path, output: Path, data: ModelData | None, threads: int = 
     notes.update(_upgrade_opset(proto))
     notes["shape_inference"] = _infer_shapes(proto)
     feeds = _check_feeds(data)
-    candidates = [("normalized", proto)]
+    candidates: list[tuple[str, onnx.ModelProto | None]] = [("normalized", proto)]
     if notes.get("opset_upgraded"):
         candidates.append(("without the opset upgrade", lifted))
-    candidates.append(("as uploaded", graph.load(model)))
+    candidates.append(("as uploaded", None))  # loaded only if needed: a model may be gigabytes
     reference = graph.session(model, threads).run(None, feeds) if feeds is not None else None
     for label, candidate in candidates:
-        graph.save(candidate, output)
+        graph.save(graph.load(model) if candidate is None else candidate, output)
         problem = _differs(output, feeds, reference, threads)
         if problem is None:
             if label == "without the opset upgrade":
@@ -186,7 +186,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> dict[str, Any]:
     if version >= MIN_OPSET:
         return {"opset": version}
     try:
-        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
+        converted = graph.structural(model, lambda proto: onnx.version_converter.convert_version(proto, MIN_OPSET))
     except Exception as exc:  # the converter raises bare RuntimeErrors naming the op it cannot adapt
         return {"opset": version, "opset_upgrade_failed": f"{version} -> {MIN_OPSET}: {str(exc)[:200]}"}
     model.CopyFrom(converted)
@@ -196,7 +196,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> dict[str, Any]:
 
 def _infer_shapes(model: onnx.ModelProto) -> str:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = graph.infer_shapes(model, data_prop=True)
     except Exception as exc:  # contrib ops or inconsistent exports: later steps do without the annotations
         return f"failed ({str(exc).splitlines()[0][:160]})"
     model.CopyFrom(inferred)

@@ -28,10 +28,11 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather"
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
-def profile(model: Path, runner: Any = None) -> dict[str, Any]:
+def profile(model: Path, runner: Any = None, load_weights: bool = True) -> dict[str, Any]:
     """The summary `check` needs; runs the model (on `runner`, an open session, if given) a few times to find
-    a size for generated inputs."""
-    proto = graph.load(model)
+    a size for generated inputs. `load_weights=False` leaves external data on disk (a model of many GB is not read
+    into memory for this): structured pruning is then not analysed."""
+    proto = graph.load(model, weights=load_weights)
     lift_constants(proto)
     resolve_identities(proto)
     floats = {t.name for t in proto.graph.initializer if t.data_type in _FLOATS and len(t.dims) >= 2}
@@ -53,9 +54,14 @@ def profile(model: Path, runner: Any = None) -> dict[str, Any]:
         "float_weights": bool(floats),
         "family": graph.model_family(proto),
         "bridge_unsupported": coverage.unsupported(proto),
-        "structured": _structured(proto),
+        "structured": _structured(proto) if load_weights or not _has_external_data(proto) else
+        {"layers": None, "reason": "not analysed: the weights are in external data"},
         "synthetic": synthetic,
     }
+
+
+def _has_external_data(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
 def _structured(proto: onnx.ModelProto) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def run_recipe(
             report["fidelity"]["synthetic_inputs"] = model_data.plan_synthetic(original, seed).describe()
         report["normalize"] = normalize_notes
         report["steps"] = notes
-        shutil.copyfile(current, output)
+        graph.copy_model(current, output)
+        evaluate.renamed(report, output)
         write_sidecar(output, recipe, report)
         return RecipeResult(output=output, report=report, steps=notes)
     finally:

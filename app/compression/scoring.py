@@ -119,5 +119,5 @@ def latency(paths: list[Path], feeds: dict[str, np.ndarray], threads: int = 1, r
 
 
 def size_notes(source: Path, result: Path) -> dict[str, Any]:
-    before, after = source.stat().st_size, result.stat().st_size
+    before, after = graph.model_bytes(source), graph.model_bytes(result)
     return {"size_bytes": {"input": before, "output": after}, "size_ratio": round(after / before, 4)}

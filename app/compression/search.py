@@ -13,7 +13,7 @@ from app.compression import graph
 from app.compression.config import Budget, Recipe, parse_recipe
 from app.compression.data import ModelData
 from app.compression.errors import Cancelled, CompressionError
-from app.compression.evaluate import MIN_TIMING_SECONDS
+from app.compression.evaluate import MIN_TIMING_SECONDS, renamed
 from app.compression.progress import CancelToken, ProgressFn, ignore_progress
 from app.compression.recipes import normalized, prepare_data, run_recipe, write_sidecar
 
@@ -55,6 +55,10 @@ def candidate_recipe(name: str) -> Recipe:
     return parse_recipe({"steps": _STEPS[name], "name": name}) if name in _STEPS else parse_recipe(name)
 
 
+# Below this a candidate is slower than the original; above it, timing noise (equal models measure 0.97-1.03).
+SLOWER_BELOW = 0.95
+
+
 def score(report: dict[str, Any], objective: Objective) -> float | None:
     """Higher is better; None when the candidate is not eligible (over budget, or slower for a speed goal)."""
     if not report.get("within_budget"):
@@ -62,7 +66,7 @@ def score(report: dict[str, Any], objective: Objective) -> float | None:
     speedup = report["speedup"]["batch_n"] or report["speedup"]["batch_1"]
     if objective == "size":
         return -float(report["size_ratio"])
-    if speedup < 1.0:
+    if speedup < SLOWER_BELOW:
         return None  # never hand back a slower model unless only size matters
     if objective == "latency":
         return float(speedup)
@@ -75,17 +79,20 @@ def dropped_because(report: dict[str, Any], objective: Objective) -> str | None:
         budget = report.get("budget") or {}
         return f"over budget ({budget.get('metric')} drop above {budget.get('max_drop')})"
     speedup = report["speedup"]["batch_n"] or report["speedup"]["batch_1"]
-    if objective != "size" and speedup < 1.0:
+    if objective != "size" and speedup < SLOWER_BELOW:
         return f"slower than the original ({speedup:.2f}x) and the objective is {objective}"
     return None
 
 
-def closeness(report: dict[str, Any]) -> float:
-    """How near a candidate comes to the original on the budget's metric: the fallback when none is eligible."""
+def closeness(report: dict[str, Any]) -> tuple[bool, float]:
+    """The fallback's order when no candidate is eligible: within budget first (then the fastest: every one was
+    slower than the original), else the nearest to the original on the budget's metric."""
+    if report.get("within_budget"):
+        return True, float(report["speedup"]["batch_n"] or report["speedup"]["batch_1"])
     fidelity, metric = report["fidelity"], (report.get("budget") or {}).get("metric", "cosine")
     value = {"agreement": fidelity.get("agreement"), "accuracy": fidelity.get("accuracy"),
              "cosine": fidelity.get("cosine_mean")}.get(metric)
-    return float(value if value is not None else fidelity.get("cosine_mean") or 0.0)
+    return False, float(value if value is not None else fidelity.get("cosine_mean") or 0.0)
 
 
 def _slice(progress: ProgressFn, start: float, end: float, name: str) -> ProgressFn:
@@ -114,7 +121,7 @@ def search(
     workdir = Path(tempfile.mkdtemp(prefix="slimserve-auto-"))
     candidates: list[dict[str, Any]] = []
     best: tuple[float, str, Path, dict[str, Any], Recipe] | None = None
-    nearest: tuple[float, str, Path, dict[str, Any], Recipe] | None = None
+    nearest: tuple[tuple[bool, float], str, Path, dict[str, Any], Recipe] | None = None
     try:
         prepared = normalized(original, workdir, split[0] if split[0] is not None else split[1], threads)
         for index, name in enumerate(names):
@@ -152,11 +159,15 @@ def search(
         if chosen is None:
             return SearchResult(output=None, winner=None, candidates=candidates)
         _, name, path, report, recipe = chosen
-        shutil.copyfile(path, output)
+        graph.copy_model(path, output)
+        report = dict(report)
+        renamed(report, output)
         report = {**report, "auto": {
             "winner": name, "objective": objective, "within_budget": best is not None,
             "chosen_because": "the best candidate within budget" if best is not None else
-            "no candidate met the budget and the objective: this is the one measured closest to the original"}}
+            "every candidate within budget was slower than the original: this is the fastest of them"
+            if report.get("within_budget") else
+            "no candidate met the budget: this is the one measured closest to the original"}}
         write_sidecar(output, recipe, {**report, "auto": {**report["auto"], "candidates": candidates}})
         return SearchResult(output=output, winner=name, candidates=candidates, report=report,
                             within_budget=best is not None)

@@ -49,14 +49,14 @@ def _data_file(name: str, model: Path, folder: Path) -> Path:
     return samples
 
 
-def _run(name: str, model: str, samples: str, preset: str) -> dict[str, Any]:
+def _run(name: str, model: str, samples: str, preset: str, out: str) -> dict[str, Any]:
     """One compression in a worker process; returns the outcome as plain data."""
     from app.compression import Budget, CompressionError, from_npz, run_recipe, search
     from app.compression.graph import io_info
 
     path, budget = Path(model), Budget(metric="cosine", max_drop=0.01)
     data = from_npz(Path(samples), io_info(path)[0])
-    output = Path(samples).parent / f"{name}-{preset}.onnx"
+    output = Path(out) / f"{name}-{preset}.onnx"  # never beside the cached exports
     try:
         if preset == AUTO:
             found = search(original=path, output=output, data=data, budget=budget, timing_seconds=_TIMING)
@@ -95,7 +95,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], di
                 if refused:
                     outcomes[(name, preset)] = {"refused": refused}
                     continue
-                futures[(name, preset)] = pool.submit(_run, name, str(model), str(samples), preset)
+                futures[(name, preset)] = pool.submit(_run, name, str(model), str(samples), preset, str(folder))
         for key, future in futures.items():
             outcomes[key] = future.result()
     return outcomes

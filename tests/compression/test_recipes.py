@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from app.compression import (
 )
 from app.compression.graph import io_info, load
 from app.compression.recipes import prepare_data
-from app.compression.search import model_family, score
+from app.compression.search import closeness, model_family, score
 from tests.helpers import CNN, MLP, TRANSFORMER, convolutions_only
 
 SUITS = [
@@ -121,3 +122,19 @@ def test_speed_objectives_never_pick_a_slower_model() -> None:
     assert score(slower, "size") is not None and score(over, "size") is None
     assert score(faster, "latency") == 1.5
     assert np.isclose(score(faster, "balanced") or 0, (1.5 / 0.9) ** 0.5)
+    # as fast within timing noise counts as not slower: a model a quarter the size at 0.98x is worth having
+    level = {"within_budget": True, "speedup": {"batch_1": 1.0, "batch_n": 0.98}, "size_ratio": 0.25}
+    assert np.isclose(score(level, "balanced") or 0, (0.98 / 0.25) ** 0.5)
+
+
+def test_without_an_eligible_candidate_the_fallback_prefers_one_within_budget() -> None:
+    def report(within: bool, speedup: float, cosine: float) -> dict[str, Any]:
+        return {"within_budget": within, "speedup": {"batch_1": speedup, "batch_n": speedup},
+                "fidelity": {"cosine_mean": cosine}, "budget": {"metric": "cosine"}}
+
+    slow_but_close = report(True, 0.7, 0.999)
+    slower_but_closer = report(True, 0.6, 0.9999)
+    fast_but_far = report(False, 2.0, 0.95)
+    order = sorted([fast_but_far, slower_but_closer, slow_but_close], key=closeness, reverse=True)
+    assert order == [slow_but_close, slower_but_closer, fast_but_far]
+    assert closeness(report(False, 1.0, 0.99)) > closeness(fast_but_far)

@@ -13,7 +13,6 @@ so for those nodes the real check is the one that follows it: onnxruntime must o
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ def run(model: Path, output: Path, step: OptimizeStep, ctx: StepContext) -> dict
     ctx.progress(0.8, "measuring latency")
     timing = _timing(model, output, data, ctx)
     if timing["speedup"] and max(timing["speedup"].values()) < 1 / PAYS_FROM:
-        shutil.copyfile(model, output)  # slower at every batch size measured: the input is the better model
+        graph.copy_model(model, output)  # slower at every batch size measured: the input is the better model
         timing["kept_input"] = f"the optimized graph was slower ({timing['verdict']}); the input is kept"
     after = op_counts(graph.load(output))
     notes.update({
@@ -101,6 +100,11 @@ def _ort_optimized(model: Path, level: str, workdir: Path) -> onnx.ModelProto:
     options.graph_optimization_level = LEVELS[level]
     options.optimized_model_filepath = str(workdir / f"ort-{level}.onnx")
     options.log_severity_level = 3
+    if len(graph.model_files(model)) > 1:
+        # Past 2 GB onnxruntime must write the weights beside the graph; else it would name the input's files.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         f"ort-{level}.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

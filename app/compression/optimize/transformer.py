@@ -90,11 +90,14 @@ class TransformerFusions:
         source = self.fused_proto if use_ours and self.fused_proto is not None else graph.load(self.model)
         if not self.heads:
             options.enable_attention = False  # the optimizer would guess, and log that it cannot
+        if not _layer_norm_can_be_declared(source):
+            options.enable_layer_norm = False
         # opt_level 0: Python fusions only, so the saved graph has no provider-specific layout.
         optimized = optimize_model(_copy(source), model_type="bert", num_heads=self.heads, hidden_size=self.hidden,
                                    opt_level=0, optimization_options=options)
         result: onnx.ModelProto = optimized.model
         prune_opsets(result)
+        _declare_layer_norm(result)
         tag = "-".join(sorted(disabled)) or "all"
         path = graph.save(result, self.workdir / f"transformer-{tag}.onnx")
         statistics = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
@@ -146,6 +149,28 @@ class TransformerFusions:
         self.fused_proto, self.fused = None, Fused(0, 0, 0)
         self.notes["separate_attention_dropped"] = f"not faster ({variant.score():.2f}x against {best.score():.2f}x)"
         return best
+
+
+# ONNX defines LayerNormalization from opset 17; onnxruntime's fusion writes it at any opset (onnxruntime runs it
+# as its own). Raising an opset-13..16 model to 17 changes no other operator it uses, except RoiAlign's default.
+_LAYER_NORM_OPSET = 17
+_CHANGED_BEFORE_17 = {"RoiAlign"}
+
+
+def _layer_norm_can_be_declared(model: onnx.ModelProto) -> bool:
+    opset = graph.default_opset(model)
+    return opset >= _LAYER_NORM_OPSET or (
+        opset >= 13 and not any(n.op_type in _CHANGED_BEFORE_17 for n in graph.all_nodes(model)))
+
+
+def _declare_layer_norm(model: onnx.ModelProto) -> None:
+    """The fused model at the opset that defines its LayerNormalization nodes, so the ONNX checker accepts it."""
+    if graph.default_opset(model) >= _LAYER_NORM_OPSET or not any(
+            n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx") for n in graph.all_nodes(model)):
+        return
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = _LAYER_NORM_OPSET
 
 
 def _fired(model: Path, result: onnx.ModelProto) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from app.compression.graph import infer_shapes
 from app.compression.prune.deps import Analysis, Shape
 
 
@@ -46,7 +47,7 @@ def lift_constants(model: onnx.ModelProto) -> None:
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Static shape knowledge: what the file declares plus what ONNX shape inference adds (None: unknown dim)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # inference is best effort; unknown shapes only make the analysis more cautious
         inferred = model
     shapes: dict[str, Shape] = {}
@@ -185,7 +186,7 @@ def refresh_shapes(model: onnx.ModelProto, changed: list[str]) -> onnx.ModelProt
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        return infer_shapes(model, strict_mode=True)
     except Exception:  # a model inference cannot type (custom ops) is still valid without the annotations
         return model
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 from typing import Any
 
 from app.compression import data as model_data
+from app.compression import graph
 from app.compression.context import StepContext
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe
 from app.compression.prune.importance import latency, top1_accuracy
@@ -20,9 +20,8 @@ def parameter_notes(before: tuple[int, int], after: tuple[int, int]) -> dict[str
 
 
 def size_notes(model: Path, output: Path) -> dict[str, Any]:
-    raw_before, raw_after = model.read_bytes(), output.read_bytes()
-    gzip_before, gzip_after = (len(gzip.compress(raw, compresslevel=6)) for raw in (raw_before, raw_after))
-    return {"size_bytes": {"original": len(raw_before), "pruned": len(raw_after)},
+    gzip_before, gzip_after = graph.gzip_bytes(model), graph.gzip_bytes(output)
+    return {"size_bytes": {"original": graph.model_bytes(model), "pruned": graph.model_bytes(output)},
             "gzip_bytes": {"original": gzip_before, "pruned": gzip_after},
             "gzip_ratio": round(gzip_after / gzip_before, 4)}
 

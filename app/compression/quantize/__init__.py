@@ -6,7 +6,6 @@ was quantized, what stayed float and why, the options chosen and the fidelity me
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ def _static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> 
 
 def _fp16(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict[str, Any]:
     notes = run_fp16(model, ctx.workdir / "fp16.onnx", step, ctx)
-    shutil.copyfile(ctx.workdir / "fp16.onnx", output)
+    graph.copy_model(ctx.workdir / "fp16.onnx", output)
     return notes
 
 

@@ -130,7 +130,9 @@ def _quantize_dynamic(source: Path, target: Path, kinds: list[str], per_channel:
     excluded = unquantizable_attention(graph.load(source, weights=False))
     quantize_dynamic(str(source), str(target), op_types_to_quantize=kinds, per_channel=per_channel,
                      weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+                     # past 2 GB onnxruntime must write (and reload) the result with external data
+                     use_external_data_format=graph.model_bytes(source) > graph.LARGE_MODEL_BYTES)
     return target
 
 

@@ -53,7 +53,7 @@ def preprocess(model: Path, output: Path, workdir: Path, progress: Callable[[flo
                                           "model as it is"}
     result = graph.load(optimized)
     try:
-        result = onnx.shape_inference.infer_shapes(result)
+        result = graph.infer_shapes(result)
     except Exception as exc:  # contrib ops that ONNX shape inference does not know
         notes["onnx_shape_inference"] = f"skipped ({_first_line(exc)})"
     graph.save(result, output)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
     quantizer = _Quantizer(pre, op_types, step, cache, reference, ctx.workdir)
     attempts = _ladder(quantizer, proto, auto_excluded, ctx)
     chosen = _choose(attempts)
-    shutil.copyfile(chosen.path, output)
+    graph.copy_model(chosen.path, output)
     notes.update({
         "activation_type": "uint8", "weight_type": "int8", "format": "QDQ", "per_channel": quantizer.per_channel,
         "activation_type_reason": "int8 activations run 2x slower than uint8 on this AVX2 CPU (no VNNI)",
@@ -245,7 +244,7 @@ def _tensor_errors(float_model: Path, quantized: Path, pairs: dict[str, tuple[st
 
 def _probe(path: Path, names: set[str], feeds: dict[str, np.ndarray], target: Path) -> dict[str, np.ndarray]:
     proto = graph.load(path)
-    inferred = onnx.shape_inference.infer_shapes(proto)
+    inferred = graph.infer_shapes(proto)
     produced = {o for n in proto.graph.node for o in n.output}  # value_info may name tensors QDQ removed
     typed = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output] if v.name in produced}
     wanted = sorted(n for n in names if n in typed and typed[n].type.tensor_type.elem_type == onnx.TensorProto.FLOAT)

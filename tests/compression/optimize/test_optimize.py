@@ -109,3 +109,49 @@ def test_without_measurable_inputs_the_step_still_optimizes_and_says_so(tmp_path
 
     assert notes["speedup"] is None and notes["verdict"].startswith("not measured")
     assert notes["fidelity"] is None
+
+
+def _decomposed_layer_norm(path: Path, opset: int) -> Path:
+    """Layer normalization written out in primitive ops at an older opset, as Paddle2ONNX and tf2onnx write it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(value, name) for name, value in (
+        ("gamma", rng.uniform(0.5, 1.5, 32).astype(np.float32)), ("beta", rng.normal(0, 0.1, 32).astype(np.float32)),
+        ("eps", np.array(1e-5, np.float32)), ("two", np.array(2.0, np.float32)),
+        ("w", rng.normal(0, 0.2, (32, 32)).astype(np.float32)))]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node("Pow", ["centred", "two"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1]),
+        helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["deviation"]),
+        helper.make_node("Div", ["centred", "deviation"], ["normalized"]),
+        helper.make_node("Mul", ["normalized", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["norm"]),
+        helper.make_node("MatMul", ["norm", "w"], ["y"]),
+    ]
+    model = helper.make_model(helper.make_graph(
+        nodes, "layer_norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 32])], weights),
+        opset_imports=[helper.make_opsetid("", opset)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_layer_norm_fused_into_an_older_opset_model_raises_its_opset_to_17(tmp_path: Path, make_ctx: MakeCtx) -> None:
+    import onnx
+
+    from app.compression.optimize.transformer import TransformerFusions
+
+    model = _decomposed_layer_norm(tmp_path / "norm13.onnx", 13)
+    data = ModelData({"x": np.random.default_rng(1).normal(size=(24, 16, 32)).astype(np.float32)}, None, "dataset")
+    fused = TransformerFusions(model, tmp_path, lambda candidate: None).build(frozenset())
+    proto = graph.load(fused.path)
+    assert "LayerNormalization" in graph.op_types(proto) and graph.default_opset(proto) == 17
+    onnx.checker.check_model(proto, full_check=True)
+    np.testing.assert_allclose(_outputs(fused.path, data), _outputs(model, data), atol=1e-4)
+    # and the whole step, whichever fusions it keeps, hands on a model the checker accepts
+    _optimize(model, "transformer", tmp_path, make_ctx(model, data))
