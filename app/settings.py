@@ -54,8 +54,12 @@ class Settings(BaseSettings):
     """Serve `/metrics` without an API key."""
     public_health: bool = True
     """Serve `/v2/health/live` and `/v2/health/ready` without an API key (orchestrators probe them)."""
-    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
-    """Largest accepted model upload (whole multipart body), in bytes."""
+    max_upload_bytes: int = Field(default=1024**4, gt=0)
+    """Largest accepted model upload (whole multipart body), in bytes; the free disk is checked first anyway."""
+    max_unpacked_bytes: int = Field(default=1024**4, gt=0)
+    """Largest total an uploaded archive (.zip, .tar, .tar.gz) may unpack to, in bytes."""
+    max_archive_members: int = Field(default=10_000, gt=0)
+    """Most files and folders an uploaded archive may hold."""
     max_request_bytes: int = Field(default=64 * 1024**2, gt=0)
     """Largest accepted prediction request body, in bytes."""
     max_batch_size: int = Field(default=1024, gt=0)

@@ -8,7 +8,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import InvalidInput, TooLarge, UnsupportedFormat
+from app.errors import InsufficientStorage, InvalidInput, TooLarge, UnsupportedFormat
 from app.storage.artifacts import ArtifactStore, TempWriter
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -104,6 +104,10 @@ async def read_upload_form(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"the upload is {declared} bytes; the limit is {max_bytes} bytes (SLIMSERVE_MAX_UPLOAD_BYTES)")
+    if declared is not None and declared.isdigit() and int(declared) > store.free_bytes():
+        # before a byte is read: the disk, not a configured limit, is what bounds a model of tens of GB
+        raise InsufficientStorage(f"the upload is {declared} bytes and the server has {store.free_bytes()} bytes "
+                                  "free; nothing was stored")
     builder = _FormBuilder(store, file_fields, max_bytes)
     parser = MultipartParser(
         params[b"boundary"],

@@ -27,16 +27,32 @@ class OnnxInfo:
     warnings: list[str] = field(default_factory=list)
 
 
-def inspect_onnx(path: Path, *, display_name: str, providers: list[str]) -> tuple[OnnxInfo, ort.InferenceSession]:
-    """Check the file completely and open it; raise a 4xx error naming the problem otherwise."""
+def inspect_onnx(path: Path, *, display_name: str, providers: list[str],
+                 folder: Path | None = None) -> tuple[OnnxInfo, ort.InferenceSession]:
+    """Check the file completely and open it; raise a 4xx error naming the problem otherwise.
+
+    `folder`: the model came in an archive, and its initializers may keep their data in files of that folder
+    (never outside it); without one, external data is refused.
+    """
     if path.stat().st_size == 0:
         raise InvalidContent(f"{display_name} is empty")
     model = _parse(path, display_name)
-    _refuse_external_data(model)
+    if folder is None:
+        _refuse_external_data(model)
+    else:
+        check_external_data(model, path.parent, folder)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        # by path: the checker then follows external data, and a model over 2 GB never passes through protobuf
+        onnx.checker.check_model(str(path) if folder is not None else model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InvalidContent(f"{display_name} fails the ONNX checker: {_first_line(exc)}") from None
+        # Shape inference cannot read shape constants kept in external data (saved with size_threshold=0):
+        # the structural check still runs, and onnxruntime's own load below is the final word.
+        if folder is None or "external tensors" not in str(exc):
+            raise InvalidContent(f"{display_name} fails the ONNX checker: {_first_line(exc)}") from None
+        try:
+            onnx.checker.check_model(str(path), full_check=False)
+        except onnx.checker.ValidationError as structural:
+            raise InvalidContent(f"{display_name} fails the ONNX checker: {_first_line(structural)}") from None
     session = open_session(path, display_name=display_name, providers=providers)
     inputs = [_spec(arg, "input") for arg in session.get_inputs()]
     outputs = [_spec(arg, "output") for arg in session.get_outputs()]
@@ -73,6 +89,11 @@ def smoke_test(
     return None
 
 
+def onnx_proto(path: Path) -> onnx.ModelProto:
+    """The model's graph and attributes, its external data left on disk."""
+    return onnx.load(str(path), load_external_data=False)
+
+
 def _parse(path: Path, display_name: str) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -97,6 +118,36 @@ def _refuse_external_data(model: onnx.ModelProto) -> None:
             "of the upload; save the model as one file (torch.onnx.export(..., external_data=False) or "
             "onnx.save_model(model, path, save_as_external_data=False))"
         )
+
+
+def external_files(model: onnx.ModelProto) -> set[str]:
+    """The external data files a model's initializers name (relative to the model file)."""
+    found = set()
+    for tensor in _all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            found.add(next((e.value for e in tensor.external_data if e.key == "location"), ""))
+    return found
+
+
+def check_external_data(model: onnx.ModelProto, base: Path, folder: Path) -> None:
+    """Every external data reference stays inside `folder`, names a file there, and fits within it."""
+    root = folder.resolve()
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve() if not _leaves_folder(location) else None
+        if target is None or not target.is_relative_to(root):
+            raise InvalidContent(f"initializer '{tensor.name}' points at external data '{location[:200]}', "
+                                 "outside the archive")
+        if not target.is_file():
+            raise InvalidContent(f"initializer '{tensor.name}' keeps its data in '{location[:200]}', which the "
+                                 "archive does not hold")
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        if length is not None and offset + int(length) > target.stat().st_size:
+            raise InvalidContent(f"initializer '{tensor.name}' reads bytes {offset}..{offset + int(length)} of "
+                                 f"'{location[:200]}', which has {target.stat().st_size}")
 
 
 def _leaves_folder(location: str) -> bool:

@@ -6,12 +6,15 @@ import errno
 import fcntl
 import glob
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 from app.errors import InsufficientStorage, TooLarge
 from app.storage.remote import RemoteArtifacts
@@ -20,6 +23,11 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SUFFIX = re.compile(r"^\.[a-z0-9]{1,8}$")
+MODEL_FILE = ".onnx"
+MODEL_FOLDER = ".onnxd"
+"""An ONNX model of several files (external data): a folder artifact whose entry is `model.onnx`."""
+MODEL_ENTRY = "model.onnx"
+MANIFEST = "MANIFEST.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,13 +124,7 @@ class ArtifactStore:
             return path
         temp = self.temp_path(suffix)
         try:
-            self._remote.get(self._remote.key(sha256, suffix), temp)
-            digest = hashlib.sha256()
-            with open(temp, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha256:
-                raise OSError(f"artifact {sha256[:12]} from shared storage does not match its hash")
+            self._fetch(self._remote.key(sha256, suffix), temp, sha256, f"artifact {sha256[:12]}")
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, path)
         except FileNotFoundError:
@@ -130,6 +132,126 @@ class ArtifactStore:
         finally:
             temp.unlink(missing_ok=True)
         return path
+
+    def _fetch(self, key: str, local: Path, sha256: str, what: str) -> None:
+        """A file from shared storage, refused unless it has the hash it is stored under."""
+        assert self._remote is not None
+        self._remote.get(key, local)
+        if _file_sha256(local) != sha256:
+            raise OSError(f"{what} from shared storage does not match its hash")
+
+    # -- folders: a model of several files ----------------------------------------------------------------------
+
+    def commit_folder(self, folder: Path, suffix: str) -> tuple[str, int, Path]:
+        """Move a finished folder into place under the hash of its manifest: (sha256, total bytes, path).
+
+        The manifest lists every file with its size and sha256; its own hash names the folder, so equal content
+        is one artifact and a folder is never published half-written (rename of the whole folder).
+        """
+        entries: list[dict[str, Any]] = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            entries.append({"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size,
+                            "sha256": digest.hexdigest()})
+        manifest = json.dumps({"files": entries}, sort_keys=True, separators=(",", ":")).encode()
+        sha = hashlib.sha256(manifest).hexdigest()
+        target = self.path(sha, suffix)
+        try:
+            (folder / MANIFEST).write_bytes(manifest)
+            for path in folder.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb") as handle:
+                        os.fsync(handle.fileno())
+            if (target / MANIFEST).is_file():
+                shutil.rmtree(folder)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(target, ignore_errors=True)  # a folder without its manifest is a crashed leftover
+                os.replace(folder, target)
+                _fsync_dir(target.parent)
+            if self._remote is not None:
+                self._remote.put_folder(target, self._remote.key(sha, suffix), [e["path"] for e in entries])
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise _storage_error(exc) from exc
+        return sha, sum(int(e["size"]) for e in entries), target
+
+    def local_folder(self, sha256: str, suffix: str) -> Path:
+        """A folder artifact on this node; from shared storage it is fetched (and checked) first."""
+        path = self.path(sha256, suffix)
+        if (path / MANIFEST).is_file() or self._remote is None:
+            return path
+        temp = self.temp_path(suffix)
+        try:
+            key = self._remote.key(sha256, suffix)
+            temp.mkdir(parents=True)
+            self._remote.get(f"{key}/{MANIFEST}", temp / MANIFEST)
+            manifest = (temp / MANIFEST).read_bytes()
+            if hashlib.sha256(manifest).hexdigest() != sha256:
+                raise OSError(f"artifact {sha256[:12]} from shared storage does not match its hash")
+            for entry in json.loads(manifest)["files"]:
+                local = temp.joinpath(*entry["path"].split("/"))
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self._fetch(f"{key}/{entry['path']}", local, entry["sha256"],
+                            f"file {entry['path']} of artifact {sha256[:12]}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, path)
+        except FileNotFoundError:
+            log.warning("artifact %s%s is missing from shared storage", sha256[:12], suffix)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        return path
+
+    def model(self, sha256: str) -> Path:
+        """The ONNX file of a stored model: one file, or the entry of a folder model (external data beside it)."""
+        single = self.path(sha256, MODEL_FILE)
+        if single.is_file():
+            return single
+        folder = self.path(sha256, MODEL_FOLDER)
+        if (folder / MANIFEST).is_file():
+            return folder / MODEL_ENTRY
+        if self._remote is not None and self._remote.exists(self._remote.key(sha256, MODEL_FOLDER) + f"/{MANIFEST}"):
+            return self.local_folder(sha256, MODEL_FOLDER) / MODEL_ENTRY
+        return self.local(sha256, MODEL_FILE)
+
+    def remove_model(self, sha256: str) -> None:
+        self.remove(sha256, MODEL_FILE)
+        self.remove_folder(sha256, MODEL_FOLDER)
+
+    def remove_folder(self, sha256: str, suffix: str) -> None:
+        shutil.rmtree(self.path(sha256, suffix), ignore_errors=True)
+        if self._remote is not None:
+            self._remote.remove_folder(self._remote.key(sha256, suffix))
+
+    def pin(self, path: Path) -> Path:
+        """A private copy of an artifact (file, or folder model's entry): deleting the model meanwhile cannot pull
+        it from under a job. Remove it with `unpin`.
+
+        Files are hard-linked; a folder model's files are copied, because onnx refuses external data with more
+        than one link (its guard against hard-link attacks).
+        """
+        if path.name == MODEL_ENTRY and path.parent.name.endswith(MODEL_FOLDER):
+            private = self.temp_path(MODEL_FOLDER)
+            private.mkdir()
+            for source in path.parent.rglob("*"):
+                if source.is_file() and source.name != MANIFEST:
+                    target = private / source.relative_to(path.parent)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, target)
+            return private / MODEL_ENTRY
+        private = self.temp_path(path.suffix)
+        _link_or_copy(path, private)
+        return private
+
+    @staticmethod
+    def unpin(path: Path) -> None:
+        if path.name == MODEL_ENTRY and path.parent.name.endswith(f"{MODEL_FOLDER}.part"):
+            shutil.rmtree(path.parent, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def _publish(self, path: Path, sha256: str, suffix: str) -> None:
         if self._remote is not None:
@@ -158,6 +280,10 @@ class ArtifactStore:
             temp.discard()
             raise _storage_error(exc) from exc
         return target
+
+    def free_bytes(self) -> int:
+        """What the disk holding the store has free (its real upload limit)."""
+        return shutil.disk_usage(self.root).free
 
     def temp_path(self, suffix: str = ".part") -> Path:
         """A fresh path in the temp folder under this process's owner token, for tools that write files."""
@@ -210,7 +336,10 @@ class ArtifactStore:
                 continue
             for leftover in self._tmp.glob(f"{glob.escape(owner)}.*"):
                 if leftover != lock_path:
-                    leftover.unlink(missing_ok=True)
+                    if leftover.is_dir():  # an unpacked archive or a pinned folder model
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
                     removed += 1
             lock_path.unlink(missing_ok=True)
         if removed:
@@ -220,6 +349,21 @@ class ArtifactStore:
     def close(self) -> None:
         self._owner_lock.close()
         (self._tmp / f"{self._owner}.lock").unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _owner_is_gone(lock_path: Path) -> bool:

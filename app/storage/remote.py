@@ -36,6 +36,19 @@ class RemoteArtifacts:
             self._fs.rm(part)
             raise
 
+    def put_folder(self, local: Path, key: str, files: list[str]) -> None:
+        """Every file, then the manifest last: a reader that finds the manifest finds everything it lists."""
+        for relative in files:
+            self.put(local.joinpath(*relative.split("/")), f"{key}/{relative}")
+        self.put(local / "MANIFEST.json", f"{key}/MANIFEST.json")
+
+    def remove_folder(self, key: str) -> None:
+        try:
+            self._fs.rm(f"{key}/MANIFEST.json")  # first: the folder stops existing for readers at once
+            self._fs.rm(key, recursive=True)
+        except FileNotFoundError:
+            pass
+
     def get(self, key: str, local: Path) -> None:
         self._fs.get_file(key, str(local))
 

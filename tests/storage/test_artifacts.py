@@ -1,8 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +16,7 @@ import pytest
 
 from app.errors import TooLarge
 from app.storage.artifacts import ArtifactStore
+from tests.helpers import REPO
 
 
 @pytest.fixture
@@ -65,3 +72,50 @@ def test_leftovers_of_dead_processes_are_removed_but_live_ones_kept(tmp_path: Pa
     live_temp.discard()
     live.close()
     restarted.close()
+
+
+_UNPACK_CHILD = """
+import sys
+from pathlib import Path
+from app.formats import archives
+from app.storage.artifacts import ArtifactStore
+store = ArtifactStore(Path(sys.argv[1]))
+archives.unpack(Path(sys.argv[2]), store.temp_path(".unpack"), label="the archive", max_bytes=1 << 40,
+                max_members=100, free_bytes=store.free_bytes)
+"""
+
+
+def test_an_unpack_killed_midway_leaves_nothing_after_the_next_start(tmp_path: Path) -> None:
+    archive = tmp_path / "big.tar.gz"
+    with tarfile.open(archive, "w:gz") as bundle:  # 384 MB of zeros: a second to unpack, 400 kB to store
+        for index in range(3):
+            info = tarfile.TarInfo(f"m/part{index}.bin")
+            info.size = 128 * 1024 * 1024
+            bundle.addfile(info, _Zeros(info.size))
+    root = tmp_path / "store"
+    child = subprocess.Popen([sys.executable, "-c", _UNPACK_CHILD, str(root), str(archive)], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((root / "tmp").glob("*.unpack.part/m/part1.bin")):
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list((root / "tmp").glob("*.unpack.part/m/*.bin")), "the child was killed before it unpacked anything"
+
+    restarted = ArtifactStore(root)
+    try:
+        assert restarted.clean_leftovers() == 1
+        assert [p.name for p in (root / "tmp").iterdir() if not p.name.endswith(".lock")] == []
+        assert not list((root / "artifacts").rglob("*.bin"))
+    finally:
+        restarted.close()
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self._left = size
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        count = min(len(buffer), self._left)
+        buffer[:count] = bytes(count)
+        self._left -= count
+        return count
