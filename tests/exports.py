@@ -42,19 +42,47 @@ def _key() -> str:
 
 def exporter_models() -> Path:
     """The folder holding `<name>.onnx` and `<name>.samples.npz` for every name in EXPORTS."""
-    cache = REPO / "var" / "exports-cache" / _key()
-    if all((cache / f"{name}.onnx").is_file() for name in EXPORTS):
+    return _built(_BUILDER, REPO / "var" / "exports-cache" / _key())
+
+
+def hf_folders() -> Path:
+    """models/build_hf_folders.py's folders (and `<name>.expected.npz` answers), built once into a cache."""
+    builder = MODELS / "build_hf_folders.py"
+    digest = hashlib.sha256(builder.read_bytes())
+    for package in ("torch", "transformers", "tokenizers", "safetensors"):
+        digest.update(f"{package}={importlib.metadata.version(package)}".encode())
+    return _built(builder, REPO / "var" / "hf-folders-cache" / digest.hexdigest()[:16])
+
+
+def _built(builder: Path, cache: Path) -> Path:
+    """`builder --out` run once into `cache`, which is whole or absent: two sessions never see half of one."""
+    if (cache / "done").is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="exports-", dir=cache.parent))
+    scratch = Path(tempfile.mkdtemp(prefix="build-", dir=cache.parent))
     try:
-        subprocess.run([sys.executable, str(_BUILDER), "--out", str(scratch)], check=True, cwd=REPO,
+        subprocess.run([sys.executable, str(builder), "--out", str(scratch)], check=True, cwd=REPO,
                        capture_output=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        (scratch / "done").write_text("")
         shutil.rmtree(cache, ignore_errors=True)
-        os.replace(scratch, cache)  # a cache is whole or absent: two sessions never see half of one
+        os.replace(scratch, cache)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return cache
+
+
+def zip_folder(folder: Path, inside: str | None = None) -> bytes:
+    """The folder as users zip it: every file under one top-level directory (or at the root)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(folder).as_posix()
+                bundle.write(path, f"{inside}/{relative}" if inside else relative)
+    return buffer.getvalue()
 
 
 def _package_file(package: str, *parts: str) -> Path | None:
@@ -97,3 +125,8 @@ def text_images(count: int, height: int, width: int, seed: int = 0, font_size: i
 
 def silero_vad() -> Path | None:
     return _package_file("silero_vad", "data", "silero_vad.onnx")
+
+
+def silero_vad_script() -> Path | None:
+    """Silero's TorchScript release: forward(x: Tensor, sr: int), keeping its recurrent state between calls."""
+    return _package_file("silero_vad", "data", "silero_vad.jit")

@@ -119,6 +119,46 @@ def save_baked_trace(path: Path) -> None:
         torch.jit.save(traced, str(path))
 
 
+class _SampleRate(torch.nn.Module):
+    """A scripted model with Python scalar arguments that change its graph (as audio models take a sample rate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, sr: int, gain: float) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x) * gain if sr == 16000 else self.linear(x.flip(1)) - gain
+        return out
+
+
+def save_sample_rate_script(path: Path) -> None:
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_SampleRate().eval()), str(path))
+
+
+class _CountsTrainingSteps(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.steps = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps = self.steps + 1  # state, but only while training
+        out: torch.Tensor = self.norm(self.conv(x))
+        return out
+
+
+def save_training_counter_script(path: Path) -> None:
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_CountsTrainingSteps().eval()), str(path))
+
+
+def reference_with_scalars(file: Path, x: np.ndarray, sr: int, gain: float) -> np.ndarray:
+    with torch.no_grad():
+        out: torch.Tensor = torch.jit.load(str(file))(torch.from_numpy(x), sr, gain)  # type: ignore[no-untyped-call]
+    return out.numpy()
+
+
 class _TwoHeads(torch.nn.Module):
     """Class scores and a probability head, returned as a dict or as a tuple."""
 

@@ -183,6 +183,48 @@ def _with_dynamic_batch(program: Any, module: Any, specs: list[InputSpec], feeds
 # ---------------------------------------------------------------- TorchScript
 
 
+SCALAR_TYPES = ("int", "float", "bool")
+
+
+def _scalar_values(arguments: list[tuple[str, str]], samples: dict[str, np.ndarray] | None,
+                   input_shapes: InputShapes | None, label: str) -> dict[str, Any]:
+    """The value each Python scalar argument of forward() is fixed at: from a 0-d array of the samples, or
+    `input_shapes` {name: {"value": ...}}."""
+    cast = {"int": int, "float": float, "bool": bool}
+    values: dict[str, Any] = {}
+    for name, kind in arguments:
+        if samples is not None and name in samples and np.asarray(samples[name]).size == 1:
+            values[name] = cast[kind](np.asarray(samples[name]).reshape(-1)[0].item())
+        elif input_shapes is not None and "value" in (input_shapes.get(name) or {}):
+            values[name] = cast[kind](input_shapes[name]["value"])
+        else:
+            raise InvalidContent(f"{label}: forward() takes {name}: {kind}, a Python value that cannot be an ONNX "
+                                 f"input; give the value to export with, in 'samples' (a 0-d array named '{name}') "
+                                 f"or 'input_shapes' ({{\"{name}\": {{\"value\": ...}}}})",
+                                 code="example_inputs_required")
+    return values
+
+
+def _bind_scalars(path: Path, fixed: dict[str, Any]) -> None:
+    """Turn the exporter's inputs for forward()'s Python scalars into constants: the ONNX model takes tensors only,
+    and a caller could not know which value the graph was traced for."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    kept = []
+    for value in model.graph.input:
+        if value.name in fixed:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            model.graph.initializer.append(numpy_helper.from_array(np.array(fixed[value.name], dtype=dtype),
+                                                                   value.name))
+        else:
+            kept.append(value)
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save(model, str(path))
+
+
 def _convert_script(source: Path, output: Path, label: str, samples: dict[str, np.ndarray] | None,
                     input_shapes: InputShapes | None, progress: Progress) -> Conversion:
     import torch
@@ -194,31 +236,44 @@ def _convert_script(source: Path, output: Path, label: str, samples: dict[str, n
     module.eval()
     _vet_script(module, label)
     arguments = module.forward.schema.arguments[1:]
-    if any(str(a.type) != "Tensor" for a in arguments):
-        raise InvalidContent(f"{label}: forward() takes {', '.join(f'{a.name}: {a.type}' for a in arguments)}; "
-                             "only tensor arguments can become ONNX inputs")
-    names = [a.name for a in arguments]
-    specs = [InputSpec(name, [], None) for name in names]
+    unsupported = [a for a in arguments if str(a.type) not in ("Tensor", *SCALAR_TYPES)]
+    if unsupported:
+        raise InvalidContent(f"{label}: forward() takes {', '.join(f'{a.name}: {a.type}' for a in unsupported)}; "
+                             "only tensors (and int, float or bool values, fixed at export) can become ONNX inputs")
     if samples is None and input_shapes is None:
         raise InvalidContent(f"{label} is TorchScript, which records no input shapes: upload it with 'samples' "
                              "(an .npz with one array per input) or 'input_shapes'")
-    feeds = example_feeds(specs, samples, input_shapes, label, fallback=None)
-    dynamic = named_axes(names, feeds, input_shapes)
-    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    fixed = _scalar_values([(a.name, str(a.type)) for a in arguments if str(a.type) in SCALAR_TYPES], samples,
+                           input_shapes, label)
+    names = [a.name for a in arguments if a.name not in fixed]
+    specs = [InputSpec(name, [], None) for name in names]
+    shapes = {k: v for k, v in input_shapes.items() if k not in fixed} if input_shapes is not None else None
+    feeds = example_feeds(specs, samples, shapes, label, fallback=None)
+    dynamic = named_axes(names, feeds, shapes)
+    order = [a.name for a in arguments]
+
+    def call(batch: dict[str, np.ndarray]) -> Any:
+        # The exporter takes a ScriptModule's scalar arguments as inputs; they are bound to constants after export.
+        return module(*(fixed[n] if n in fixed else torch.from_numpy(batch[n]) for n in order))
+
+    args = tuple(fixed[n] if n in fixed else torch.from_numpy(feeds[n]) for n in order)
     with torch.no_grad():
-        example = module(*args)
+        example = call(feeds)
     if _holds_dict(example):
         raise InvalidContent(f"{label} returns a dict, which the TorchScript exporter cannot export: return a tuple "
                              "from forward(), or upload a torch.export archive (.pt2), which keeps the keys as "
                              "output names", code="unsupported_output")
     output_names = name_outputs(example, names)
     progress(0.4, "exporting to ONNX")
-    notes: list[str] = []
+    notes: list[str] = [f"forward()'s {name} is fixed at {value!r} in the ONNX model: a Python {type(value).__name__} "
+                        "cannot be an ONNX input" for name, value in fixed.items()]
 
     def export(axes: dict[str, dict[int, str]] | None) -> None:
         # The TorchScript exporter is deprecated for nn.Modules; for a ScriptModule it is the faithful path.
-        torch.onnx.export(module, args, str(output), dynamo=False, opset_version=OPSET, input_names=names,
+        torch.onnx.export(module, args, str(output), dynamo=False, opset_version=OPSET, input_names=order,
                           output_names=output_names, dynamic_axes=axes)
+        if fixed:
+            _bind_scalars(output, fixed)
 
     try:
         export({**dynamic, **{o: {0: "batch"} for o in output_names}})
@@ -229,7 +284,7 @@ def _convert_script(source: Path, output: Path, label: str, samples: dict[str, n
         if batch is feeds:
             return flatten_outputs(example)
         with torch.no_grad():
-            return flatten_outputs(module(*(torch.from_numpy(batch[n]) for n in names)))
+            return flatten_outputs(call(batch))
 
     try:
         return check(output, names, feeds, samples, reference, progress, "torchscript", notes, label,
@@ -256,6 +311,27 @@ def _vet_script(module: Any, label: str) -> None:
                 raise InvalidContent(f"{label} calls '{kind}', which is not a standard tensor operator; it is not "
                                      "converted", code="unsupported_operator")
             pending.extend(node.blocks())  # blocks of If/Loop have nodes() like a graph
+    stateful = _attributes_set(module)
+    if stateful:
+        # A streaming model that remembers its last call: an ONNX graph has no memory, so an export would answer
+        # every call as if it were the first.
+        names = ", ".join(f"self.{n}" for n in sorted(stateful)[:6])
+        raise InvalidContent(f"{label}: forward() keeps state between calls (it sets {names}); an ONNX model "
+                             "cannot, so the export would answer differently: export a forward() that takes the "
+                             "state as an input and returns the new state (as streaming models' own ONNX exports "
+                             "do)", code="stateful_model")
+
+
+def _attributes_set(module: Any) -> set[str]:
+    """The attributes forward() assigns in eval mode: freezing folds `self.training` and drops the training-only
+    branches (a step counter), keeping only the state a call really carries to the next."""
+    import torch
+
+    try:
+        graph = torch.jit.freeze(module).forward.inlined_graph
+    except Exception:  # freezing is an optimisation; the unfrozen graph says the same, more cautiously
+        graph = module.forward.inlined_graph
+    return {node.s("name") for node in graph.findAllNodes("prim::SetAttr", True)}
 
 
 def _holds_dict(result: Any) -> bool:

@@ -26,11 +26,18 @@ class InputSpec:
 
 
 def parse_input_shapes(raw: Any) -> InputShapes:
-    """`{input: [dims]}` or `{input: {"shape": [dims], "dtype": "INT64"}}`; a dim is a size or an axis name."""
+    """`{input: [dims]}` or `{input: {"shape": [dims], "dtype": "INT64"}}`; a dim is a size or an axis name;
+    `{argument: {"value": 16000}}` fixes a Python scalar argument of forward()."""
     if not isinstance(raw, dict) or not raw:
         raise InvalidContent("'input_shapes' must be a JSON object {input name: [dims]}")
     parsed: InputShapes = {}
     for name, value in raw.items():
+        if isinstance(value, dict) and set(value) == {"value"}:
+            scalar = value["value"]
+            if not isinstance(scalar, int | float | bool):
+                raise InvalidContent(f"'input_shapes' value of '{str(name)[:64]}' must be a number or a boolean")
+            parsed[str(name)] = {"value": scalar}  # a Python scalar argument of forward(), fixed at this value
+            continue
         shape, dtype = (value.get("shape"), value.get("dtype")) if isinstance(value, dict) else (value, None)
         if not isinstance(shape, list) or not shape or not all(
                 (isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1_000_000)

@@ -16,6 +16,7 @@ from app.errors import InvalidContent, UnsupportedFormat
 from app.formats.torch_archive import TORCH_EXPORT, TORCHSCRIPT, sniff, vet_exported_program
 from app.formats.torch_inputs import parse_input_shapes
 from tests import torch_files
+from tests.exports import silero_vad_script
 from tests.helpers import CNN_SAMPLES, TRANSFORMER_SAMPLES
 from tests.torch_files import TorchProcess
 
@@ -106,6 +107,54 @@ def test_outputs_keep_the_names_the_model_gives_them(torch: TorchProcess, tmp_pa
         assert np.max(np.abs(got - expected[name])) < 1e-5
     onnx_path, _ = _convert(torch, heads["tuple.pt"], tmp_path, samples=feeds)
     assert [o.name for o in ort.InferenceSession(str(onnx_path)).get_outputs()] == ["output_0", "output_1"]
+
+
+def test_python_scalar_arguments_are_fixed_at_the_given_value_and_said(torch: TorchProcess,
+                                                                        tmp_path: Path) -> None:
+    path = tmp_path / "sample_rate.pt"
+    torch.call(torch_files.save_sample_rate_script, path)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    # from 0-d arrays among the samples
+    onnx_path, result = _convert(torch, path, tmp_path, samples={"x": x, "sr": np.array(16000), "gain": np.array(2.0)})
+    session = ort.InferenceSession(str(onnx_path))
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    expected = torch.call(torch_files.reference_with_scalars, path, x, 16000, 2.0)
+    assert np.max(np.abs(session.run(None, {"x": x})[0] - expected)) < 1e-5
+    assert any("sr is fixed at 16000" in w for w in result.warnings)  # type: ignore[attr-defined]
+    # from input_shapes, the other branch of the model
+    shapes = parse_input_shapes({"x": ["batch", 8], "sr": {"value": 8000}, "gain": {"value": 0.5}})
+    onnx_path, result = _convert(torch, path, tmp_path, input_shapes=shapes)
+    expected = torch.call(torch_files.reference_with_scalars, path, x, 8000, 0.5)
+    assert np.max(np.abs(_run(onnx_path, {"x": x}) - expected)) < 1e-5
+    assert result.dynamic_axes == {"x": [0]}  # type: ignore[attr-defined]
+    with pytest.raises(InvalidContent, match=r"forward\(\) takes sr: int.*\{\"sr\": \{\"value\"") as error:
+        _convert(torch, path, tmp_path, input_shapes=parse_input_shapes({"x": ["batch", 8]}))
+    assert error.value.code == "example_inputs_required"
+
+
+def test_a_real_streaming_model_gets_past_its_sample_rate_and_is_refused_for_its_state(torch: TorchProcess,
+                                                                                      tmp_path: Path) -> None:
+    # Silero VAD's TorchScript release: forward(x, sr: int) remembers its LSTM state and context between calls.
+    source = silero_vad_script()
+    if source is None:
+        pytest.skip("the silero-vad wheel is not installed")
+    samples = {"x": np.zeros((1, 512), np.float32), "sr": np.array(16000)}
+    with pytest.raises(InvalidContent, match=r"keeps state between calls.*self\._state.*state as an input") as error:
+        _convert(torch, source, tmp_path, samples=samples)
+    assert error.value.code == "stateful_model"
+
+
+def test_state_kept_only_while_training_does_not_count(torch: TorchProcess, tmp_path: Path) -> None:
+    path = tmp_path / "counter.pt"
+    torch.call(torch_files.save_training_counter_script, path)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)}
+    onnx_path, _ = _convert(torch, path, tmp_path, samples=feeds)
+    assert np.max(np.abs(_run(onnx_path, feeds) - torch.call(torch_files.reference, path, feeds))) < 1e-4
+
+
+def test_a_scalar_value_in_input_shapes_must_be_a_number() -> None:
+    with pytest.raises(InvalidContent, match="'sr' must be a number"):
+        parse_input_shapes({"x": [1, 8], "sr": {"value": "16k"}})
 
 
 def test_torchscript_returning_a_dict_is_refused_with_what_to_do(torch: TorchProcess, tmp_path: Path) -> None:
