@@ -1,4 +1,4 @@
-# One image for the API (and, later, the workers): CPU-only PyTorch, non-root, health-checked.
+# One image for the API and the workers: CPU-only PyTorch, non-root, health-checked.
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -18,6 +18,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY models /opt/slimserve/models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     SLIMSERVE_HOST=0.0.0.0 \
     SLIMSERVE_PORT=8000 \
     SLIMSERVE_DATA_DIR=/data \

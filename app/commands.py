@@ -171,12 +171,16 @@ def variants(name: Annotated[str, typer.Argument(help="Model")], url: Url = DEFA
 
 
 def predict(name: Annotated[str, typer.Argument(help="Model")],
-            input_file: Annotated[Path, typer.Option("--input", exists=True, dir_okay=False,
-                                                     help=".npz (one array per input) or .json")],
+            input_file: Annotated[Path | None, typer.Option("--input", exists=True, dir_okay=False,
+                                                            help=".npz (one array per input) or .json")] = None,
+            text: Annotated[list[str] | None, typer.Option("--text", help="A text for a text model (repeat for a "
+                                                                           "batch)")] = None,
             variant: Annotated[str | None, typer.Option(help="Variant (default: routing decides)")] = None,
             url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Run one prediction and print the outputs as JSON."""
-    inputs = _read_inputs(input_file)
+    if (input_file is None) == (not text):
+        raise typer.BadParameter("give either --input FILE or --text (one or more)")
+    inputs = _read_inputs(input_file) if input_file is not None else {"text": text}
     answer = _ask(url, api_key, lambda client: client.predict(name, inputs, variant))
     console.print_json(json.dumps(answer))
 

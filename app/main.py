@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import multiprocess
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api import dashboard, health, jobs, models, predict, v2
+from app.api import dashboard, health, jobs, models, openai, predict, v2
 from app.api.deps import Authenticator, Services
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPath
@@ -27,7 +27,7 @@ from app.services.catalog import Catalog
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
 from app.services.latency import SNAPSHOT_SECONDS, LatencyWindow
-from app.services.models import IncomingFile, ModelService
+from app.services.models import IncomingFile, ModelService, UploadLimits
 from app.services.periodic import Periodic
 from app.services.routing import RoutingService, ShadowTraffic
 from app.settings import PreloadModel, Settings
@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastPath:
         queue = make_queue(settings, session_factory)
         model_service = ModelService(
             session_factory=session_factory, store=store, catalog=catalog, providers=settings.execution_providers,
-            enqueue=queue.enqueue,
+            enqueue=queue.enqueue, limits=UploadLimits(max_unpacked_bytes=settings.max_unpacked_bytes,
+                                                       max_archive_members=settings.max_archive_members),
         )
         capture = TrafficCapture(session_factory=session_factory, store=store, catalog=catalog,
                                  flush_seconds=settings.capture_flush_seconds)
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
     _document_errors(app)
     app.include_router(v2.router)
     app.include_router(predict.router)
+    app.include_router(openai.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 APP = Path(__file__).resolve().parents[1] / "app"
@@ -55,3 +57,13 @@ def test_nothing_imports_the_web_layer_or_the_composition_root() -> None:
             continue
         offenders += [f"{module} imports {i}" for i in _imports(path) if i.startswith(("app.api", "app.main"))]
     assert offenders == []
+
+
+def test_the_server_never_imports_torch_or_transformers() -> None:
+    # Both take seconds and gigabytes to import; only job processes (conversion, compression) need them.
+    code = ("import sys, app.main, app.services.text, app.api.openai, app.formats.huggingface, app.text.answers;"
+            "app.main.create_app; print(sorted(m for m in ('torch', 'transformers', 'keras', 'tensorflow') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=APP.parent, capture_output=True, text=True, timeout=120,
+                            check=True)
+    assert result.stdout.strip() == "[]"

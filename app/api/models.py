@@ -8,7 +8,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from app.api.deps import Admin, ModelName, Reader, ServicesDep, VariantName
 from app.api.multipart import UploadForm, read_upload_form
@@ -34,7 +34,7 @@ from app.services.models import MODEL_SUFFIX, ORIGINAL, IncomingFile
 
 router = APIRouter(tags=["models"])
 
-UPLOAD_FIELDS = {"file", "name", "samples", "compress", "promote", "input_shapes"}
+UPLOAD_FIELDS = {"file", "name", "samples", "compress", "promote", "input_shapes", "task"}
 _UPLOAD_DOC = {
     "requestBody": {
         "required": True,
@@ -45,9 +45,17 @@ _UPLOAD_DOC = {
                     "required": ["file", "name"],
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": (
-                            "The model: ONNX (.onnx), a torch.export archive (.pt2, torch.export.save) or "
-                            "TorchScript (.pt, torch.jit.save). PyTorch files are converted to ONNX by a job: "
-                            "the model is 'converting' until it ends. Pickles (torch.save) are refused.")},
+                            "The model: ONNX (.onnx), a torch.export archive (.pt2, torch.export.save), "
+                            "TorchScript (.pt, torch.jit.save), or an archive (.zip, .tar, .tar.gz) of one model "
+                            "folder: a Hugging Face folder (config.json, safetensors, tokenizer) or an ONNX model "
+                            "with its external data files. PyTorch files and Hugging Face folders are converted to "
+                            "ONNX by a job: the model is 'converting' until it ends. Pickles (torch.save) are "
+                            "refused.")},
+                        "task": {"type": "string", "enum": ["embeddings", "classification", "token-classification"],
+                                 "example": "embeddings", "description": (
+                            "Hugging Face folders only: what the model serves; inferred from the folder when "
+                            "absent (sentence-transformers files or a base model: embeddings; *ForSequence"
+                            "Classification: classification; *ForTokenClassification: token-classification)")},
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
                                  "description": "The name it is served under", "example": "mymodel"},
                         "samples": {"type": "string", "format": "binary",
@@ -108,6 +116,7 @@ async def upload_model(request: Request, services: ServicesDep, _key: Admin) -> 
             services.models.create, name=form.fields["name"], model=model_file, samples=_incoming(form, "samples"),
             input_shapes=form.fields.get("input_shapes"),
             after_conversion={"recipe": compress, "promote": promote} if compress is not None else None,
+            task=form.fields.get("task") or None,
         )
     finally:
         form.discard()
@@ -190,16 +199,18 @@ async def get_variant(name: ModelName, variant: VariantName, services: ServicesD
 
 
 @router.get("/models/{name}/variants/{variant}/artifact", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "The ONNX file"}})
-async def download_variant(name: ModelName, variant: VariantName, services: ServicesDep, _key: Reader) -> FileResponse:
-    """Download the ONNX file of a variant."""
-    row = await asyncio.to_thread(services.models.get, name)
-    for candidate in row.variants:
-        if candidate.name == variant:
-            path = await asyncio.to_thread(services.store.local, candidate.sha256, MODEL_SUFFIX)
-            return FileResponse(path, media_type="application/octet-stream",
-                                filename=f"{name}-{variant}{MODEL_SUFFIX}")
-    raise VariantNotFound(name, variant)
+            responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}},
+                             "description": "The ONNX file; a .tar of the model's folder when it keeps "
+                                            "external data files"}})
+async def download_variant(name: ModelName, variant: VariantName, services: ServicesDep,
+                           _key: Reader) -> Response:
+    """Download the ONNX file of a variant, or a tar of its folder when it is several files."""
+    path, folder = await asyncio.to_thread(services.models.artifact, name, variant)
+    if folder is None:
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-{variant}{MODEL_SUFFIX}")
+    prefix = f"{name}-{variant}"
+    return StreamingResponse(services.models.folder_chunks(folder, prefix), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{prefix}.tar"'})
 
 
 @router.delete("/models/{name}/variants/{variant}", status_code=HTTPStatus.NO_CONTENT, response_class=Response)

@@ -74,7 +74,8 @@ class ModelPublic(BaseModel):
     error: str | None = Field(default=None, description="Why the model failed (its conversion), in words",
                               examples=[None])
     warnings: list[str] = Field(description="What the checks noticed without refusing the model", examples=[[]])
-    format: str = Field(description="What was uploaded: onnx | torch.export | torchscript", examples=["onnx"])
+    format: str = Field(description="What was uploaded: onnx | torch.export | torchscript | huggingface",
+                        examples=["onnx"])
     sha256: str = Field(description="sha256 of the uploaded file (a converted model's ONNX is its original "
                                     "variant)", examples=[SHA256_EXAMPLE])
     size_bytes: int = Field(description="Size of the uploaded file", examples=[240525])
@@ -100,6 +101,17 @@ class ModelPublic(BaseModel):
                                   "inputs (max_abs_error, rows_checked); null for ONNX uploads",
         examples=[{"source_format": "torch.export", "state": "succeeded", "max_abs_error": 3.7e-08,
                    "rows_checked": 10, "dynamic_axes": {"x": [0]}, "exporter": "dynamo"}])
+    task: str | None = Field(default=None, description="Text and image models: embeddings | classification | "
+                                                       "token-classification; null for tensor models",
+                             examples=[None])
+    architecture: str | None = Field(default=None, description="Hugging Face folders: the transformers class "
+                                                               "converted", examples=[None])
+    tokenizer: bool = Field(default=False, description="The server tokenizes texts for this model (its own "
+                                                       "tokenizer.json)", examples=[False])
+    files: str | None = Field(default=None, description="'file', or 'folder of N files' for a model that keeps "
+                                                        "external data (downloaded as a .tar)", examples=["file"])
+    image: dict[str, Any] | None = Field(default=None, description="Image models: the input size and the image "
+                                                                   "processor's normalization", examples=[None])
     shadow: dict[str, Any] = Field(
         default_factory=dict, description="Per shadow variant: requests, rows, agreement or cosine with the "
                                           "answering variant, mean latency of each side (all processes)",
@@ -153,7 +165,10 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
 
 
 def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPublic:
-    conversion = (row.config or {}).get("conversion")
+    config = row.config or {}
+    conversion = config.get("conversion")
+    folder = config.get("huggingface") or {}
+    text = config.get("text")
     return ModelPublic(
         name=row.name, state=row.state, error=conversion.get("error") if conversion else None,
         warnings=list(row.warnings), format=row.format, sha256=row.sha256,
@@ -165,6 +180,8 @@ def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPu
         datasets=[dataset_public(d) for d in row.datasets],
         capture=(row.config or {}).get("capture"),
         conversion=conversion,
+        task=folder.get("task"), architecture=folder.get("architecture"), tokenizer=text is not None,
+        files=config.get("files"), image=config.get("image"),
         shadow=shadow or {},
     )
 
@@ -191,6 +208,9 @@ class BatchingUpdate(BaseModel):
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000, examples=[2.0], description=(
         "How long a request may wait for others when the model is idle; 0 batches only what queues up while "
         "the model is busy, so low load pays no latency"))
+    text_padding: Literal["bucket", "longest"] = Field(default="longest", examples=["longest"], description=(
+        "Text models: 'longest' batches requests of any length, padded to the longest in the call; 'bucket' "
+        "batches only requests whose lengths round to the same multiple of 16"))
 
 
 class SessionUpdate(BaseModel):

@@ -99,6 +99,20 @@ def sniff(path: Path, filename: str, label: str) -> TorchArchive | None:
     raise UnsupportedFormat(f"{label} is a zip archive but not a torch.export or TorchScript one; {_EXPORT_HINT}")
 
 
+def is_torch_zip(path: Path) -> bool:
+    """A zip written by torch (torch.export, TorchScript or a torch.save pickle), not an archive of a folder."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError):
+        return False
+    root = _common_root(names)
+    if root is None:
+        return False
+    members = {name[len(root):] for name in names}
+    return "data.pkl" in members or "archive_format" in members
+
+
 _EXPORT_HINT = ("export with torch.export.save(torch.export.export(model, example), 'model.pt2'), "
                 "torch.jit.save(torch.jit.trace(model, example), 'model.pt') or torch.onnx.export(model, example, "
                 "'model.onnx', external_data=False)")

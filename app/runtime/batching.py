@@ -3,6 +3,10 @@
 While a call runs, arriving requests wait; the next call takes every waiting request of the same shape (up to
 `max_batch_size` rows). An idle session runs a request at once unless `max_queue_delay_ms` asks to wait for
 company, so batching costs no latency at low load and forms batches exactly when the model is busy.
+
+With `pad` (a text model's token inputs and their padding values), requests of different sequence lengths batch
+together: each is padded on axis 1 to the longest of the call, and outputs that keep a sequence axis (rank 3 or
+more, as token classification's) are cut back to each request's own length.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class _Request:
 
 class Batcher:
     def __init__(self, sessions: SessionCache, loaded: LoadedSession, *, max_batch_size: int,
-                 max_queue_delay_s: float, on_call: Callable[[int], None]) -> None:
+                 max_queue_delay_s: float, on_call: Callable[[int], None], pad: dict[str, int] | None = None) -> None:
+        self.pad = pad
         self._sessions = sessions
         self.loaded = loaded
         self.max_batch_size = max_batch_size
@@ -39,8 +44,11 @@ class Batcher:
         self._draining = False
 
     async def run(self, feeds: dict[str, np.ndarray], names: list[str] | None, rows: int) -> RunResult:
-        # Requests stack only when every input agrees beyond the batch axis; nothing is padded.
-        key = (tuple(names or ()), tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feeds.items())))
+        # Requests stack only when every input agrees beyond the batch axis (beyond the sequence axis, for inputs
+        # this batcher may pad).
+        pad = self.pad or {}
+        key = (tuple(names or ()), tuple((n, a.dtype.str, a.shape[2:] if n in pad else a.shape[1:])
+                                         for n, a in sorted(feeds.items())))
         future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Request(feeds, names, rows, key, future))
         if not self._draining:
@@ -76,7 +84,10 @@ class Batcher:
         if len(group) == 1:
             await self._run_alone(group[0])
             return
-        feeds = {name: np.concatenate([r.feeds[name] for r in group]) for name in group[0].feeds}
+        lengths = [_length(r.feeds, self.pad) for r in group]
+        longest = max(lengths)
+        feeds = {name: np.concatenate([_padded(r.feeds[name], longest, (self.pad or {}).get(name)) for r in group])
+                 for name in group[0].feeds}
         total = sum(r.rows for r in group)
         started = time.perf_counter()
         try:
@@ -92,8 +103,10 @@ class Batcher:
                 await self._run_alone(request)
             return
         offset = 0
-        for request in group:
+        for request, length in zip(group, lengths, strict=True):
             arrays = [array[offset:offset + request.rows] for array in result.arrays]
+            if length < longest:  # a sequence axis comes back at the call's length: cut to the request's own
+                arrays = [a[:, :length] if a.ndim >= 3 and a.shape[1] == longest else a for a in arrays]
             offset += request.rows
             queued = started - request.enqueued + result.queue_seconds
             if not request.future.done():
@@ -111,3 +124,15 @@ class Batcher:
         result.queue_seconds += started - request.enqueued
         if not request.future.done():
             request.future.set_result(result)
+
+
+def _length(feeds: dict[str, np.ndarray], pad: dict[str, int] | None) -> int:
+    names = [n for n in feeds if pad and n in pad]
+    return int(feeds[names[0]].shape[1]) if names else 0
+
+
+def _padded(array: np.ndarray, length: int, value: int | None) -> np.ndarray:
+    if value is None or array.ndim < 2 or array.shape[1] == length:
+        return array
+    widths = [(0, 0), (0, length - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, widths, constant_values=value)

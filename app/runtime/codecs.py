@@ -140,7 +140,7 @@ def decode_predict(payload: Any, specs: dict[str, TensorSpec], limits: Limits) -
 
 def encode_v2(
     *, model: str, variant: str, request: InferenceRequest, names: list[str], results: list[np.ndarray],
-    specs: dict[str, TensorSpec],
+    specs: dict[str, TensorSpec], parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Returns the body and, when any output is binary, the JSON header length for the response header."""
     selected: list[tuple[str, np.ndarray, bool]]
@@ -165,6 +165,8 @@ def encode_v2(
     response: dict[str, Any] = {"model_name": model, "model_version": variant, "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
+    if parameters:
+        response["parameters"] = parameters
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, None

@@ -41,6 +41,8 @@ class ModelEntry:
     """Per-variant onnxruntime options (threads, optimization level)."""
     batching: dict[str, Any] | None = None
     """Dynamic batching settings; None when off or impossible (an input or output without a batch axis)."""
+    text: dict[str, Any] | None = None
+    """A text model's tokenizer and task settings: clients send texts, the session takes token tensors."""
 
     @property
     def default_variant(self) -> str:
@@ -61,6 +63,7 @@ def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
         batching=batching_settings(row),
         session_options={variant: SessionOptions(**options)
                          for variant, options in (row.config.get("sessions") or {}).items()},
+        text=row.config.get("text"),
     )
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import orjson
 
 from app.errors import InvalidContent, InvalidInput, OutOfMemory, Overloaded, SlimServeError, VariantNotFound
@@ -17,11 +20,20 @@ from app.runtime.sessions import LoadedSession, RunResult, SessionCache, Session
 from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
 from app.services.routing import ShadowTraffic, choose
+from app.services.text import TextAnswer, TextModels, decode_texts
 from app.storage.artifacts import ArtifactStore
 
 PROTOCOL_V2 = "v2"
 PROTOCOL_PREDICT = "predict"
-MODEL_SUFFIX = ".onnx"
+PROTOCOL_OPENAI = "openai"
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """How far a request got: the model and variant its failure is counted under."""
+
+    model: str = ""
+    variant: str = ""
 
 
 @dataclass(slots=True)
@@ -40,6 +52,14 @@ class Prediction:
         )
 
 
+def text_padding(entry: ModelEntry) -> dict[str, int] | None:
+    """The token inputs the batcher may pad to batch texts of any length, unless the model batches by bucket."""
+    if entry.text is None or (entry.batching or {}).get("text_padding", "longest") != "longest":
+        return None
+    pads = {"input_ids": int(entry.text["pad_id"]), "attention_mask": 0, "token_type_ids": 0}
+    return {name: pads[name] for name in entry.text["inputs"] if name in pads}
+
+
 class InferenceService:
     def __init__(
         self, *, catalog: Catalog, sessions: SessionCache, store: ArtifactStore, metrics: Metrics,
@@ -53,6 +73,7 @@ class InferenceService:
         self._limits = limits
         self._capture = capture
         self._shadows = shadows
+        self._texts = TextModels(store)
         self._batchers: dict[str, Batcher] = {}
         self._max_queue = max_queue
         self._in_flight: dict[str, int] = {}
@@ -67,7 +88,7 @@ class InferenceService:
         key = target.sha256 if overrides is None else f"{target.sha256}-{overrides.tag}"
         loaded = self._sessions.get_loaded(key)
         if loaded is None:
-            path = await asyncio.to_thread(self._store.local, target.sha256, MODEL_SUFFIX)
+            path = await asyncio.to_thread(self._store.model, target.sha256)
             loaded = await asyncio.to_thread(self._sessions.open, key, path, f"{entry.name}/{variant}", overrides)
             self._metrics.model_size.labels(entry.name, variant).set(target.size_bytes)
             self._metrics.loaded_models.set(self._sessions.loaded_count)
@@ -90,64 +111,110 @@ class InferenceService:
     async def infer_v2(
         self, *, name: str, variant: str | None, body: bytes, header_length: str | None, started: float
     ) -> Prediction:
-        chosen = variant or ""
-        model_label = ""
-        try:
+        with self._failures_counted(PROTOCOL_V2, started) as attempt:
             entry = await self._catalog.get(name)
-            model_label, chosen = name, variant or entry.default_variant
+            attempt.model, attempt.variant = name, variant or entry.default_variant
             request = codecs.decode_v2(body, header_length, entry.inputs, self._limits)
             codecs.check_requested_outputs(request, entry.outputs)
             chosen, shadow = (variant, None) if variant is not None else choose(entry, request.id)
+            attempt.variant = chosen
             loaded = await self.load(entry, chosen)
             wanted = [o.name for o in request.outputs] if request.outputs is not None else None
-            result = await self._run(entry, chosen, loaded, request.inputs, wanted, request.rows)
+            parameters: dict[str, Any] | None = None
+            if entry.text is not None:
+                feeds, result, answer = await self._run_text(entry, chosen, loaded, request.inputs["text"])
+                names, arrays = answer.names, answer.arrays
+                parameters = {"warnings": answer.warnings} if answer.warnings else None
+            else:
+                feeds = request.inputs
+                result = await self._run(entry, chosen, loaded, request.inputs, wanted, request.rows)
+                names, arrays = result.names, result.arrays
             self._offer(entry, request.inputs, request.rows)
             payload, header = codecs.encode_v2(
-                model=name, variant=chosen, request=request, names=result.names, results=result.arrays,
-                specs=entry.outputs,
+                model=name, variant=chosen, request=request, names=names, results=arrays, specs=entry.outputs,
+                parameters=parameters,
             )
-        except SlimServeError as exc:
-            self._metrics.observe_failure(model=model_label, variant=chosen if model_label else "",
-                                          protocol=PROTOCOL_V2, code=exc.status_code,
-                                          total_s=time.perf_counter() - started)
-            raise
         if shadow is not None:
-            self._shadow(entry, shadow, request.inputs, result, request.rows)
+            self._shadow(entry, shadow, feeds, result, len(next(iter(feeds.values()))))
         return self._finish(name, chosen, PROTOCOL_V2, payload, header, result, started)
 
     async def predict(self, *, name: str, body: bytes, started: float) -> Prediction:
-        chosen = ""
-        model_label = ""
-        try:
+        with self._failures_counted(PROTOCOL_PREDICT, started) as attempt:
             payload_in = codecs.parse_json(body)
             variant = payload_in.get("variant") if isinstance(payload_in, dict) else None
             if variant is not None and not isinstance(variant, str):
                 raise InvalidInput("'variant' must be a string")
             request_id = payload_in.get("id") if isinstance(payload_in, dict) else None
             entry = await self._catalog.get(name)
-            model_label, chosen = name, variant or entry.default_variant
+            attempt.model, attempt.variant = name, variant or entry.default_variant
             inputs = codecs.decode_predict(payload_in, entry.inputs, self._limits)
             chosen, shadow = (variant, None) if variant is not None else choose(
                 entry, str(request_id) if request_id is not None else None)
+            attempt.variant = chosen
             loaded = await self.load(entry, chosen)
             rows = codecs.count_rows(inputs, entry.inputs)
-            result = await self._run(entry, chosen, loaded, inputs, None, rows)
+            warnings: list[str] = []
+            if entry.text is not None:
+                feeds, result, answer = await self._run_text(entry, chosen, loaded, inputs["text"])
+                names, arrays, warnings = answer.names, answer.arrays, answer.warnings
+            else:
+                feeds = inputs
+                result = await self._run(entry, chosen, loaded, inputs, None, rows)
+                names, arrays = result.names, result.arrays
             self._offer(entry, inputs, rows)
             elapsed_ms = (time.perf_counter() - started) * 1e3
             response: dict[str, Any] = {
                 "model": name, "variant": chosen,
-                "outputs": codecs.encode_outputs_nested(result.names, result.arrays),
+                "outputs": codecs.encode_outputs_nested(names, arrays),
                 "latency_ms": round(elapsed_ms, 3),
             }
+            if warnings:
+                response["warnings"] = warnings
             payload = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+        if shadow is not None:
+            self._shadow(entry, shadow, feeds, result, len(next(iter(feeds.values()))))
+        return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, started)
+
+    @contextlib.contextmanager
+    def _failures_counted(self, protocol: str, started: float) -> Iterator[_Attempt]:
+        """Count a refused or failed request under the model and variant it had reached (empty when unknown)."""
+        attempt = _Attempt()
+        try:
+            yield attempt
         except SlimServeError as exc:
-            self._metrics.observe_failure(model=model_label, variant=chosen if model_label else "",
-                                          protocol=PROTOCOL_PREDICT, code=exc.status_code,
+            self._metrics.observe_failure(model=attempt.model, variant=attempt.variant if attempt.model else "",
+                                          protocol=protocol, code=exc.status_code,
                                           total_s=time.perf_counter() - started)
             raise
+
+    async def _run_text(self, entry: ModelEntry, variant: str, loaded: LoadedSession,
+                        values: Any) -> tuple[dict[str, Any], RunResult, TextAnswer]:
+        """Tokenize on the server, run the token tensors, answer in the task's terms."""
+        assert entry.text is not None
+        texts, encoded = await asyncio.to_thread(self._texts.encode, entry.text, values)
+        result = await self._run(entry, variant, loaded, encoded.feeds, None, len(texts))
+        answer = self._texts.answer(entry.text, texts, encoded, result.arrays[0])
+        return encoded.feeds, result, answer
+
+    async def embed(self, *, name: str, variant: str | None, texts: list[str],
+                    started: float) -> tuple[str, np.ndarray, int, Prediction]:
+        """OpenAI-style embeddings: (variant that answered, vectors, prompt tokens, timing) for an embeddings model."""
+        with self._failures_counted(PROTOCOL_OPENAI, started) as attempt:
+            entry = await self._catalog.get(name)
+            attempt.model, attempt.variant = name, variant or entry.default_variant
+            if entry.text is None or entry.text.get("task") != "embeddings":
+                raise InvalidContent(f"model '{name}' is not a text embeddings model")
+            if variant is not None and variant not in entry.variants:
+                raise VariantNotFound(name, variant)
+            chosen, shadow = (variant, None) if variant is not None else choose(entry, None)
+            attempt.variant = chosen
+            loaded = await self.load(entry, chosen)
+            feeds, result, answer = await self._run_text(entry, chosen, loaded, texts)
+            self._offer(entry, {"text": np.array(texts, dtype=object)}, len(texts))
         if shadow is not None:
-            self._shadow(entry, shadow, inputs, result, rows)
-        return self._finish(name, chosen, PROTOCOL_PREDICT, payload, None, result, started)
+            self._shadow(entry, shadow, feeds, result, len(texts))
+        prediction = self._finish(name, chosen, PROTOCOL_OPENAI, b"", None, result, started)
+        return chosen, answer.arrays[0], answer.prompt_tokens, prediction
 
     def _shadow(self, entry: ModelEntry, variant: str, inputs: dict[str, Any], result: RunResult, rows: int) -> None:
         if self._shadows is not None:
@@ -164,6 +231,8 @@ class InferenceService:
 
     def _offer(self, entry: ModelEntry, inputs: dict[str, Any], rows: int) -> None:
         if entry.capture_samples and self._capture is not None:
+            if entry.text is not None:  # texts are kept as text: a dataset of them is tokenized when it is used
+                inputs = {"text": np.array(decode_texts(inputs["text"]), dtype=str)}
             batched = all(spec.has_dynamic_batch for spec in entry.inputs.values())
             self._capture.offer(entry.name, entry.capture_samples, inputs, rows, batched)
 
@@ -205,6 +274,7 @@ class InferenceService:
             )
         batcher.max_batch_size = entry.batching["max_batch_size"]
         batcher.max_queue_delay_s = entry.batching["max_queue_delay_ms"] / 1e3
+        batcher.pad = text_padding(entry)
         return batcher
 
     def _finish(

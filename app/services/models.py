@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.compression import preflight
-from app.errors import Conflict, InvalidContent, InvalidInput, ModelNotFound, NotFound, VariantNotFound
+from app.errors import (
+    Conflict,
+    InvalidContent,
+    InvalidInput,
+    ModelNotFound,
+    NotFound,
+    VariantNotFound,
+)
+from app.formats import archives, huggingface, torch_archive
 from app.formats import datasets as dataset_format
-from app.formats import torch_archive
-from app.formats.onnx_model import inspect_onnx, smoke_test
+from app.formats.onnx_model import external_files, inspect_onnx, onnx_proto, smoke_test
 from app.formats.torch_inputs import parse_input_shapes
 from app.runtime.datatypes import TensorSpec
 from app.services.catalog import Catalog, can_batch
+from app.services.text import TOKENIZER_SUFFIX, TextModels
 from app.storage import repositories
-from app.storage.artifacts import ArtifactStore, TempWriter
+from app.storage.artifacts import MANIFEST, MODEL_ENTRY, MODEL_FOLDER, ArtifactStore, TempWriter
 from app.storage.db import transaction
 from app.storage.tables import DatasetRow, JobRow, ModelRow, VariantRow
+from app.text import datasets as text_datasets
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +47,14 @@ DATASET_SUFFIX = ".npz"
 ORIGINAL = "original"
 CONVERTING = "converting"
 CONVERT = "convert"  # the preset name of conversion jobs
+HUGGINGFACE = "huggingface"
+HF_FOLDER = ".hfd"  # a Hugging Face folder as uploaded, kept for its conversion
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_unpacked_bytes: int = 256 * 1024**3
+    max_archive_members: int = 10_000
 
 
 @dataclass
@@ -64,8 +84,10 @@ def display_name(filename: str, fallback: str) -> str:
 class ModelService:
     def __init__(
         self, *, session_factory: sessionmaker[Session], store: ArtifactStore, catalog: Catalog,
-        providers: list[str], enqueue: Callable[[str], None],
+        providers: list[str], enqueue: Callable[[str], None], limits: UploadLimits | None = None,
     ) -> None:
+        self._limits = limits or UploadLimits()
+        self._texts = TextModels(store)
         self._session_factory = session_factory
         self._store = store
         self._catalog = catalog
@@ -73,7 +95,8 @@ class ModelService:
         self._enqueue = enqueue
 
     def create(self, *, name: str, model: IncomingFile, samples: IncomingFile | None,
-               input_shapes: str | None = None, after_conversion: dict[str, Any] | None = None) -> ModelRow:
+               input_shapes: str | None = None, after_conversion: dict[str, Any] | None = None,
+               task: str | None = None) -> ModelRow:
         """Validate the model (and samples) fully, then commit files and rows; a failure stores nothing.
 
         A PyTorch file is vetted here and converted by a job: the model is `converting` until the job ends.
@@ -84,6 +107,13 @@ class ModelService:
                 raise Conflict(f"a model named '{name}' already exists", code="name_taken")
         model_label = display_name(model.filename, "the model file")
         model.temp.close()
+        kind = archives.kind_of(model.temp.path)
+        if kind is not None and not (kind == "zip" and torch_archive.is_torch_zip(model.temp.path)):
+            if input_shapes is not None:
+                raise InvalidContent("'input_shapes' applies to PyTorch files only")
+            return self._create_from_archive(name, model, model_label, samples, after_conversion, task)
+        if task is not None:
+            raise InvalidContent("'task' applies to Hugging Face folders (an archive with config.json)")
         archive = torch_archive.sniff(model.temp.path, model.filename, model_label)
         if archive is not None:
             return self._create_converting(name, model, model_label, archive, samples, input_shapes,
@@ -123,6 +153,90 @@ class ModelService:
         self._insert(row, stored)
         log.info("registered model %s (%s, %d bytes)", name, row.sha256[:12], row.size_bytes)
         return self.get(name)
+
+    def _create_from_archive(self, name: str, model: IncomingFile, label: str, samples: IncomingFile | None,
+                             after_conversion: dict[str, Any] | None, task: str | None) -> ModelRow:
+        """A .zip/.tar/.tar.gz of one model folder: a Hugging Face folder, or an ONNX model with its data files."""
+        folder = self._store.temp_path(".unpack")
+        try:
+            unpacked = archives.unpack(model.temp.path, folder, label=label, max_bytes=self._limits.max_unpacked_bytes,
+                                       max_members=self._limits.max_archive_members,
+                                       free_bytes=self._store.free_bytes)
+            model.temp.discard()  # unpacked: the archive itself is no longer needed
+            root = unpacked.root
+            if huggingface.is_huggingface(root):
+                if samples is not None:
+                    raise InvalidContent("'samples' cannot come with a Hugging Face folder: upload a text dataset "
+                                         "(.txt or .jsonl) once the model is converted")
+                return self._create_huggingface(name, root, label, task, after_conversion)
+            if task is not None:
+                raise InvalidContent("'task' applies to Hugging Face folders (an archive with config.json)")
+            entry = _onnx_entry(root, label)
+            info, session_ort = inspect_onnx(entry, display_name=f"{label}: '{entry.name}'",
+                                             providers=self._providers, folder=root)
+            dataset = self._check_samples(samples, info)
+            warning = smoke_test(session_ort, info.inputs, self._sample_feeds(dataset, info))
+            model_profile = preflight.profile(entry, runner=session_ort, load_weights=False)
+            del session_ort
+            sha, size, kind = self._commit_onnx_folder(entry, root)
+        finally:
+            archives.remove(folder)
+        row = ModelRow(
+            name=name, state="ready", format="onnx", sha256=sha, size_bytes=size, opset=info.opset,
+            parameters=info.parameters, inputs=[s.to_json() for s in info.inputs],
+            outputs=[s.to_json() for s in info.outputs], warnings=[warning] if warning else [],
+            routing={"default": ORIGINAL, "canary": None, "shadow": None},
+            config={"profile": model_profile, "files": kind},
+        )
+        row.variants.append(VariantRow(name=ORIGINAL, recipe=None, parent=None, sha256=sha, size_bytes=size,
+                                       report=None))
+        stored = [(sha, MODEL_SUFFIX)]
+        if samples is not None and dataset is not None:
+            self._store.commit(samples.temp, DATASET_SUFFIX)
+            row.datasets.append(dataset_row("samples", samples.temp.sha256, samples.temp.size, dataset))
+            stored.append((samples.temp.sha256, DATASET_SUFFIX))
+        self._insert(row, stored)
+        log.info("registered model %s from an archive (%s, %d bytes, %s)", name, sha[:12], size, kind)
+        return self.get(name)
+
+    def _commit_onnx_folder(self, entry: Path, root: Path) -> tuple[str, int, str]:
+        return commit_onnx(self._store, entry, root)
+
+    def _create_huggingface(self, name: str, root: Path, label: str, task: str | None,
+                            after_conversion: dict[str, Any] | None) -> ModelRow:
+        """Vet the folder here (JSON and bytes only), keep it, and let a job convert it with transformers."""
+        summary = huggingface.inspect(root, label=label, task=task)
+        sha, size, _ = self._store.commit_folder(root, HF_FOLDER)
+        conversion: dict[str, Any] = {"source_format": HUGGINGFACE, "filename": label.strip("'"), "state": "queued"}
+        if after_conversion is not None:
+            conversion["after"] = after_conversion
+        row = ModelRow(
+            name=name, state=CONVERTING, format=HUGGINGFACE, sha256=sha, size_bytes=size, opset=None,
+            parameters=None, inputs=[], outputs=[], warnings=[],
+            routing={"default": ORIGINAL, "canary": None, "shadow": None},
+            config={"conversion": conversion, "huggingface": summary.to_json()},
+        )
+        job = JobRow(id=str(uuid.uuid4()), model_name=name, recipe={"convert": HUGGINGFACE}, preset=CONVERT,
+                     variant=ORIGINAL, promote=False, state="queued", progress=0.0, stage="queued", attempts=0,
+                     cancel_requested=False)
+        self._insert(row, [(sha, HF_FOLDER)], job)
+        self._enqueue(job.id)
+        log.info("model %s uploaded as a Hugging Face folder (%s, %s); conversion job %s queued", name,
+                 summary.architecture, summary.task, job.id)
+        return self.get(name)
+
+    def _check_samples(self, samples: IncomingFile | None, info: Any) -> dataset_format.Dataset | None:
+        if samples is None:
+            return None
+        samples.temp.close()
+        return dataset_format.load_dataset(samples.temp.path, info.inputs,
+                                           display_name=display_name(samples.filename, "the samples file"))
+
+    @staticmethod
+    def _sample_feeds(dataset: dataset_format.Dataset | None, info: Any) -> dict[str, Any] | None:
+        if dataset is None:
+            return None
+        return {spec.name: dataset_format.batch_of(dataset, spec, 8) for spec in info.inputs}
 
     def _create_converting(self, name: str, model: IncomingFile, label: str, archive: torch_archive.TorchArchive,
                            samples: IncomingFile | None, input_shapes: str | None,
@@ -209,6 +323,20 @@ class ModelService:
         self._drop_unreferenced(files)
         return [sha for sha, suffix in files if suffix == MODEL_SUFFIX]
 
+    def artifact(self, model_name: str, variant: str) -> tuple[Path, Path | None]:
+        """(the variant's ONNX file, its folder when the model keeps external data beside it, else None)."""
+        with self._session_factory() as session:
+            _, target = _model_and_variant(session, model_name, variant)
+            sha = target.sha256
+        path = self._store.model(sha)
+        folder = path.parent if path.name == MODEL_ENTRY and path.parent.name.endswith(MODEL_FOLDER) else None
+        return path, folder
+
+    @staticmethod
+    def folder_chunks(folder: Path, prefix: str) -> Iterator[bytes]:
+        """The folder as an uncompressed tar, streamed (a model of many GB is never read whole)."""
+        return archives.tar_chunks(folder, prefix, skip=(MANIFEST,))
+
     def delete_variant(self, model_name: str, variant: str) -> list[str]:
         with transaction(self._session_factory) as session:
             row, target = _model_and_variant(session, model_name, variant)
@@ -256,12 +384,17 @@ class ModelService:
             raise Conflict(f"model '{model_name}' is {row.state}; datasets are checked against its inputs, so add "
                            "them once it is ready", code="model_not_ready")
         upload.temp.close()
-        specs = [TensorSpec.from_json(s) for s in row.inputs]
-        dataset = dataset_format.load_dataset(
-            upload.temp.path, specs, display_name=display_name(upload.filename, "the dataset file")
-        )
-        self._store.commit(upload.temp, DATASET_SUFFIX)
-        stored = dataset_row(dataset_name, upload.temp.sha256, upload.temp.size, dataset)
+        label = display_name(upload.filename, "the dataset file")
+        text = (row.config or {}).get("text")
+        if text is not None and not _is_npz(upload.temp.path):
+            stored = self._text_dataset(dataset_name, upload, label, text)
+        else:
+            specs = [TensorSpec.from_json(s) for s in row.inputs]
+            if text is not None:  # an .npz for a text model holds token arrays, as the ONNX model takes them
+                specs = [TensorSpec.from_json(s) for s in row.config["onnx_inputs"]]
+            dataset = dataset_format.load_dataset(upload.temp.path, specs, display_name=label)
+            self._store.commit(upload.temp, DATASET_SUFFIX)
+            stored = dataset_row(dataset_name, upload.temp.sha256, upload.temp.size, dataset)
         stored.model_id = row.id
         try:
             with transaction(self._session_factory) as session:
@@ -270,6 +403,27 @@ class ModelService:
             self._drop_unreferenced([(stored.sha256, DATASET_SUFFIX)])
             raise Conflict(f"model '{model_name}' changed while the dataset was stored; try again") from None
         return stored
+
+    def _text_dataset(self, name: str, upload: IncomingFile, label: str, text: dict[str, Any]) -> DatasetRow:
+        """.txt or .jsonl for a text model: checked, tokenized once (to count what the model would cut), kept as
+        text in an .npz (`text`, and `labels` when given), tokenized again by the job that uses it."""
+        texts, labels = text_datasets.parse_text_file(upload.temp.path, label=label, labels=text.get("labels") or {})
+        if labels is not None and text.get("labels") and int(labels.max()) >= len(text["labels"]):
+            raise InvalidContent(f"{label}: label {int(labels.max())} is past the model's {len(text['labels'])} "
+                                 "classes")
+        _, truncated = text_datasets.token_arrays(texts, self._texts.tokenizer(text))
+        arrays = {text_datasets.TEXT: np.array(texts, dtype=str)}
+        if labels is not None:
+            arrays[text_datasets.LABELS] = labels
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        upload.temp.discard()
+        sha, path = self._store.write_bytes(buffer.getvalue(), DATASET_SUFFIX, "the text dataset")
+        if truncated:
+            log.info("text dataset %s: %d of %d texts are longer than the model's maximum", name, truncated,
+                     len(texts))
+        return DatasetRow(id=str(uuid.uuid4()), name=name, sha256=sha, size_bytes=path.stat().st_size,
+                          samples=len(texts), has_labels=labels is not None)
 
     def list_datasets(self, model_name: str) -> list[DatasetRow]:
         return list(self.get(model_name).datasets)
@@ -284,7 +438,49 @@ class ModelService:
         with self._session_factory() as session:
             for sha, suffix in files:
                 if not repositories.artifact_in_use(session, sha256=sha):
-                    self._store.remove(sha, suffix)
+                    if suffix == MODEL_SUFFIX:
+                        self._store.remove_model(sha)  # one file, or a folder with external data
+                    elif suffix == HF_FOLDER:
+                        self._store.remove_folder(sha, suffix)
+                    else:
+                        self._store.remove(sha, suffix)
+
+
+def _is_npz(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def commit_onnx(store: ArtifactStore, entry: Path, root: Path) -> tuple[str, int, str]:
+    """Store an ONNX model and only the data files it names: one file when it has none, else a folder.
+    Returns (sha256, bytes, 'file' or 'folder of N files')."""
+    model = onnx_proto(entry)
+    data_files = sorted(external_files(model))
+    if not data_files:
+        temp = store.temp_path(MODEL_SUFFIX)
+        os.replace(entry, temp)
+        sha, size, _ = store.adopt(temp, MODEL_SUFFIX)
+        return sha, size, "file"
+    kept = store.temp_path(MODEL_FOLDER)
+    kept.mkdir()
+    os.replace(entry, kept / MODEL_ENTRY)
+    for relative in data_files:
+        target = kept / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(root / relative, target)
+    sha, size, _ = store.commit_folder(kept, MODEL_FOLDER)
+    return sha, size, f"folder of {len(data_files) + 1} files"
+
+
+def _onnx_entry(root: Path, label: str) -> Path:
+    """The one .onnx file of an unpacked model folder."""
+    found = sorted(p for p in root.rglob("*.onnx") if p.is_file())
+    if not found:
+        raise InvalidContent(f"{label} holds no .onnx model (and no Hugging Face config.json)")
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(root)) for p in found[:5])
+        raise InvalidContent(f"{label} holds {len(found)} .onnx files ({names}); an archive holds one model")
+    return found[0]
 
 
 def _model_and_variant(session: Session, model_name: str, variant: str) -> tuple[ModelRow, VariantRow]:
@@ -313,7 +509,11 @@ def _parse_input_shapes(raw: str) -> dict[str, Any]:
 
 
 def _conversion_files(row: ModelRow) -> list[tuple[str, str]]:
-    """The uploaded PyTorch file and its samples, kept beside the converted ONNX."""
+    """What the converted ONNX was made from and is served with: the uploaded PyTorch file and its samples, or
+    the Hugging Face folder and its tokenizer."""
+    if row.format == HUGGINGFACE:
+        tokenizer = ((row.config or {}).get("text") or {}).get("tokenizer_sha256")
+        return [(row.sha256, HF_FOLDER)] + ([(tokenizer, TOKENIZER_SUFFIX)] if tokenizer else [])
     if row.format not in torch_archive.SUFFIXES:
         return []
     files = [(row.sha256, torch_archive.SUFFIXES[row.format])]

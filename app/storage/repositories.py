@@ -37,6 +37,10 @@ def artifact_in_use(session: Session, *, sha256: str) -> bool:
     for column in (ModelRow.sha256, VariantRow.sha256, DatasetRow.sha256):
         if session.scalar(select(func.count()).where(column == sha256)):
             return True
+    # A converted Hugging Face model's tokenizer is named in its config only (models of one family share it).
+    for config in session.scalars(select(ModelRow.config).where(ModelRow.format == "huggingface")):
+        if ((config or {}).get("text") or {}).get("tokenizer_sha256") == sha256:
+            return True
     return False
 
 

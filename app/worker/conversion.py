@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,9 +15,21 @@ from app.compression import preflight
 from app.compression.errors import Cancelled, CompressionError
 from app.errors import SlimServeError
 from app.formats import datasets as dataset_format
-from app.formats.onnx_model import inspect_onnx
+from app.formats.huggingface import HuggingFaceFolder
+from app.formats.onnx_model import OnnxInfo, inspect_onnx
 from app.formats.torch_archive import SUFFIXES
-from app.services.models import CONVERTING, DATASET_SUFFIX, MODEL_SUFFIX, ORIGINAL, dataset_row
+from app.runtime.datatypes import TensorSpec
+from app.services.models import (
+    CONVERTING,
+    DATASET_SUFFIX,
+    HF_FOLDER,
+    HUGGINGFACE,
+    MODEL_SUFFIX,
+    ORIGINAL,
+    commit_onnx,
+    dataset_row,
+)
+from app.services.text import TOKENIZER_SUFFIX, text_interface
 from app.storage.artifacts import ArtifactStore
 from app.storage.db import rowcount, transaction
 from app.storage.tables import JobRow, ModelRow, VariantRow, utcnow
@@ -43,6 +57,8 @@ class ConversionRunner:
             model = session.get(ModelRow, job.model_id) if job.model_id is not None else None
             if model is None:
                 raise CompressionError(f"model '{job.model_name}' was deleted before its conversion ran")
+            if model.format == HUGGINGFACE:
+                return self._run_huggingface(job, model, progress)
             conversion = dict((model.config or {}).get("conversion") or {})
             source = pin(self._store.local(model.sha256, SUFFIXES[model.format]))
             samples_sha = conversion.get("samples_sha256")
@@ -57,24 +73,14 @@ class ConversionRunner:
                                          providers=["CPUExecutionProvider"])
         model_profile = preflight.profile(output, runner=session_ort)
         del session_ort
+        if samples is not None:  # arrays that fixed a scalar argument of forward() are no input of the ONNX model
+            kept = {spec.name for spec in info.inputs} | {dataset_format.LABELS}
+            samples = {name: array for name, array in samples.items() if name in kept}
         dataset = dataset_format.check_dataset(samples, info.inputs, display_name="the samples") \
-            if samples is not None else None
+            if samples else None
         sha, size, _ = self._store.adopt(output, MODEL_SUFFIX)
         with transaction(self._factory) as session:
-            owned = rowcount(session.execute(
-                update(JobRow).where(JobRow.id == job.id, JobRow.worker == self._me, JobRow.state == "running",
-                                     JobRow.cancel_requested.is_(False))
-                .values(state="succeeded", progress=1.0, stage="done", finished_at=utcnow(), error=None,
-                        report={"conversion": result.to_json()})
-            ))
-            model = session.get(ModelRow, job.model_id)
-            if not owned or model is None or model.state != CONVERTING:
-                raise Cancelled("the conversion was cancelled, taken over or its model deleted")
-            model.state = "ready"
-            model.inputs = [s.to_json() for s in info.inputs]
-            model.outputs = [s.to_json() for s in info.outputs]
-            model.opset, model.parameters = info.opset, info.parameters
-            model.warnings = list(model.warnings or []) + result.warnings
+            model = self._publish(session, job, result.to_json(), info, info.inputs, info.outputs, result.warnings)
             conversion.update(state="succeeded", **result.to_json())
             model.config = {**(model.config or {}), "conversion": conversion, "profile": model_profile}
             model.variants.append(VariantRow(name=ORIGINAL, recipe=None, parent=None, sha256=sha, size_bytes=size,
@@ -84,6 +90,65 @@ class ConversionRunner:
         log.info("converted %s from %s: max abs error %.3g over %d rows", job.model_name, kind,
                  result.max_abs_error, result.rows_checked)
         return "succeeded"
+
+    def _run_huggingface(self, job: JobRow, model: ModelRow, progress: Progress) -> str:
+        """A Hugging Face folder -> ONNX with its task's head, a tokenizer.json, and the text interface."""
+        from app.formats.hf_convert import convert
+
+        summary = HuggingFaceFolder.from_json(dict(model.config["huggingface"]))
+        conversion = dict((model.config or {}).get("conversion") or {})
+        label = f"'{conversion['filename']}'" if conversion.get("filename") else "the folder"
+        source = self._store.local_folder(model.sha256, HF_FOLDER)
+        work = self._store.temp_path(".convert")
+        try:
+            result = convert(source, summary, work, label=label, progress=progress)
+            progress(0.9, "checking the ONNX model")
+            info, session_ort = inspect_onnx(result.onnx, display_name=f"the ONNX model converted from {label}",
+                                             providers=["CPUExecutionProvider"], folder=work)
+            model_profile = preflight.profile(result.onnx, runner=session_ort, load_weights=not result.external_data)
+            del session_ort
+            tokenizer_sha = self._store.adopt(result.tokenizer, TOKENIZER_SUFFIX)[0] if result.tokenizer else None
+            sha, size, files = commit_onnx(self._store, result.onnx, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        settings = result.settings.to_json()
+        text = None if summary.image else {**settings, "tokenizer_sha256": tokenizer_sha}
+        inputs, outputs = (info.inputs, info.outputs) if text is None else text_interface(settings)
+        with transaction(self._factory) as session:
+            row = self._publish(session, job, result.to_json(), info, inputs, outputs, result.warnings)
+            conversion.update(state="succeeded", **result.to_json())
+            config = {**(row.config or {}), "conversion": conversion, "profile": model_profile, "files": files,
+                      "onnx_inputs": [s.to_json() for s in info.inputs],
+                      "onnx_outputs": [s.to_json() for s in info.outputs]}
+            if text is not None:
+                config["text"] = text
+            else:
+                config["image"] = settings["image"]
+            row.config = config
+            row.variants.append(VariantRow(name=ORIGINAL, recipe=None, parent=None, sha256=sha, size_bytes=size,
+                                           report=None))
+        log.info("converted %s (%s, %s): max abs error %.3g", job.model_name, summary.architecture, summary.task,
+                 result.max_abs_error)
+        return "succeeded"
+
+    def _publish(self, session: Session, job: JobRow, report: dict[str, Any], info: OnnxInfo,
+                 inputs: list[TensorSpec], outputs: list[TensorSpec], warnings: list[str]) -> ModelRow:
+        """The job succeeded and its model is ready with this interface, if this worker still owns the job."""
+        owned = rowcount(session.execute(
+            update(JobRow).where(JobRow.id == job.id, JobRow.worker == self._me, JobRow.state == "running",
+                                 JobRow.cancel_requested.is_(False))
+            .values(state="succeeded", progress=1.0, stage="done", finished_at=utcnow(), error=None,
+                    report={"conversion": report})
+        ))
+        model = session.get(ModelRow, job.model_id)
+        if not owned or model is None or model.state != CONVERTING:
+            raise Cancelled("the conversion was cancelled, taken over or its model deleted")
+        model.state = "ready"
+        model.inputs = [s.to_json() for s in inputs]
+        model.outputs = [s.to_json() for s in outputs]
+        model.opset, model.parameters = info.opset, info.parameters
+        model.warnings = list(model.warnings or []) + warnings
+        return model
 
     def start_requested_compression(self, job: JobRow) -> None:
         """An upload with `compress` of a PyTorch file: the compression starts once the model exists as ONNX."""

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,16 +22,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.compression import data as model_data
 from app.compression.config import AUTO, Budget, Recipe
 from app.compression.errors import Cancelled, CompressionError
-from app.compression.graph import io_info
+from app.compression.evaluate import renamed
+from app.compression.graph import io_info, model_files, rename_external_data
 from app.compression.progress import CancelToken
 from app.compression.recipes import Checkpoint, run_recipe
 from app.compression.search import Objective, search
 from app.errors import SlimServeError
-from app.services.models import CONVERT, ORIGINAL
+from app.services.models import CONVERT, ORIGINAL, commit_onnx
+from app.services.text import TOKENIZER_SUFFIX
 from app.storage import repositories
 from app.storage.artifacts import ArtifactStore
 from app.storage.db import rowcount, transaction
 from app.storage.tables import DatasetRow, JobRow, ModelRow, VariantRow, utcnow
+from app.text.datasets import LABELS, TEXT, token_arrays
+from app.text.tokenizer import TextTokenizer
 from app.worker.conversion import ConversionRunner, mark_model_failed
 
 log = logging.getLogger(__name__)
@@ -121,7 +126,11 @@ class JobRunner:
             return "skipped"
         heartbeat = _Heartbeat(self._factory, job_id, self._me, self._heartbeat_seconds)
         heartbeat.start()
-        output = self._store.temp_path(MODEL_SUFFIX)
+        # A private folder: a variant past 2 GB is written as a graph and a data file, and two jobs' data files
+        # must never meet.
+        workspace = self._store.temp_path(".job")
+        workspace.mkdir()
+        output = workspace / f"model{MODEL_SUFFIX}"
         pinned: list[Path] = []
         started = time.monotonic()
         try:
@@ -147,8 +156,9 @@ class JobRunner:
                                      stage="failed")
         finally:
             heartbeat.stop()
-            for path in (output, output.with_suffix(".recipe.json"), *pinned):
-                path.unlink(missing_ok=True)
+            shutil.rmtree(workspace, ignore_errors=True)
+            for path in pinned:
+                self._store.unpin(path)
         if state in ("succeeded", "failed", "cancelled"):
             self._drop_checkpoint(job_id)
         if state == "succeeded" and job.preset == CONVERT:
@@ -192,11 +202,12 @@ class JobRunner:
                 raise CompressionError(f"model '{job.model_name}' was deleted before the job ran")
             if model.state != "ready":
                 raise CompressionError(f"model '{model.name}' is {model.state}, not ready to compress")
-            original = self._pin(self._store.local(_original_sha(model), MODEL_SUFFIX), pinned)
+            original = self._pin(self._store.model(_original_sha(model)), pinned)
             dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
             dataset_path = self._pin(self._store.local(dataset.sha256, DATASET_SUFFIX), pinned) if dataset else None
+            text = (model.config or {}).get("text")
         inputs, _ = io_info(original)
-        data = model_data.from_npz(dataset_path, inputs) if dataset_path else None
+        data = self._dataset(dataset_path, inputs, text) if dataset_path else None
         budget = Budget.model_validate(job.budget) if job.budget else None
         if job.preset == AUTO:
             objective: Objective = job.objective if job.objective in ("size", "latency") else "balanced"  # type: ignore[assignment]
@@ -211,6 +222,22 @@ class JobRunner:
         if resume is not None:
             result.report["resumed_from_step"] = resume.done + 1
         return result
+
+    def _dataset(self, path: Path, inputs: list[Any], text: dict[str, Any] | None) -> model_data.ModelData:
+        """The dataset as the model's inputs: a text dataset (texts kept as text) is tokenized here, with the
+        model's own tokenizer, padded to its longest text."""
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+        if text is None or TEXT not in names:
+            return model_data.from_npz(path, inputs)
+        with np.load(path, allow_pickle=False) as archive:
+            texts = [str(t) for t in archive[TEXT]]
+            labels = archive[LABELS] if LABELS in names else None
+        tokenizer = TextTokenizer(self._store.local(text["tokenizer_sha256"], TOKENIZER_SUFFIX),
+                                  inputs=list(text["inputs"]), max_length=int(text["max_length"]),
+                                  pad_id=int(text["pad_id"]))
+        arrays, _ = token_arrays(texts, tokenizer)
+        return model_data.from_arrays(arrays, inputs, labels)
 
     def _resume(self, job: JobRow, pinned: list[Path]) -> Checkpoint | None:
         saved = job.checkpoint
@@ -227,6 +254,10 @@ class JobRunner:
 
     def _save_checkpoint(self, job_id: str, checkpoint: Checkpoint) -> None:
         """Keep the model after each finished step, so a crash costs at most the step in progress."""
+        if len(model_files(checkpoint.model)) > 1:
+            # Copying gigabytes after every step would cost more than the steps a crash makes us redo.
+            log.info("job %s: no checkpoint for a model with external data; a restart begins again", job_id)
+            return
         copy = self._store.temp_path(CHECKPOINT_SUFFIX)
         shutil.copyfile(checkpoint.model, copy)
         sha, _, _ = self._store.adopt(copy, CHECKPOINT_SUFFIX)
@@ -246,12 +277,8 @@ class JobRunner:
             self._store.remove(saved["sha256"], CHECKPOINT_SUFFIX)
 
     def _pin(self, path: Path, pinned: list[Path]) -> Path:
-        """A private hard link: deleting the model meanwhile cannot pull the file from under the job."""
-        private = self._store.temp_path(path.suffix)
-        try:
-            os.link(path, private)
-        except OSError:
-            shutil.copyfile(path, private)
+        """A private hard link (or a folder of them): deleting the model meanwhile cannot pull it from the job."""
+        private = self._store.pin(path)
         pinned.append(private)
         return private
 
@@ -260,7 +287,7 @@ class JobRunner:
             row = repositories.get_model(session, name=name)
             if row is None:
                 raise CompressionError(f"model '{name}' does not exist")
-            return self._store.local(_original_sha(row), MODEL_SUFFIX)
+            return self._store.model(_original_sha(row))
 
     def _publish(self, job: JobRow, output: Path, result: Any, seconds: float) -> str:
         report: dict[str, Any] | None = result.report
@@ -277,7 +304,10 @@ class JobRunner:
             return self._finish(job.id, "failed", stage="failed", report=report, candidates=candidates, error=(
                 "not promoted and not kept: no candidate met both the budget and the objective "
                 f"('{job.objective}'); the model is unchanged"))
-        sha, size, _ = self._store.adopt(output, MODEL_SUFFIX)
+        # One file, or past 2 GB a folder: the graph and the weights file the compression wrote beside it.
+        if rename_external_data(output, f"{job.variant}.onnx.data"):
+            renamed(report, output)
+        sha, size, _ = commit_onnx(self._store, output, output.parent)
         sidecar = output.with_suffix(".recipe.json")
         if sidecar.is_file():
             self._store.adopt(sidecar, ".json")
@@ -311,7 +341,7 @@ class JobRunner:
     def _drop_if_unused(self, sha: str) -> None:
         with self._factory() as session:
             if not repositories.artifact_in_use(session, sha256=sha):
-                self._store.remove(sha, MODEL_SUFFIX)
+                self._store.remove_model(sha)
 
     def _finish(self, job_id: str, state: str, *, error: str | None, stage: str,
                 report: dict[str, Any] | None = None, candidates: list[dict[str, Any]] | None = None,

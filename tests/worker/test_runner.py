@@ -8,10 +8,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.compression import graph
 from app.services.catalog import Catalog
 from app.services.models import IncomingFile, ModelService
 from app.storage.artifacts import ArtifactStore
@@ -43,11 +46,11 @@ def world(tmp_path: Path) -> Iterator[tuple[sessionmaker[Session], ArtifactStore
 
 def _job(factory: sessionmaker[Session], **values: object) -> str:
     job_id = str(uuid.uuid4())
-    fields: dict[str, object] = {"state": "queued", "attempts": 0, **values}
+    fields: dict[str, object] = {"state": "queued", "attempts": 0, "recipe": {"steps": [
+        {"op": "quantize", "mode": "dynamic", "per_channel": False}]}, **values}
     with transaction(factory) as session:
-        session.add(JobRow(id=job_id, model_id=1, model_name="mlp", recipe={"steps": [
-            {"op": "quantize", "mode": "dynamic", "per_channel": False}]}, preset=None, variant="q",
-            progress=0.0, promote=False, cancel_requested=False, **fields))
+        session.add(JobRow(id=job_id, model_id=1, model_name="mlp", preset=None, variant="q",
+                           progress=0.0, promote=False, cancel_requested=False, **fields))
     return job_id
 
 
@@ -100,3 +103,28 @@ def test_attempts_are_bounded(world: tuple[sessionmaker[Session], ArtifactStore]
     assert _runner(factory, store).run(job_id) == "skipped"
     job = _state(factory, job_id)
     assert job.state == "failed" and "gave up after 2 attempts" in (job.error or "")
+
+
+def test_a_variant_past_the_size_limit_is_published_as_a_folder(
+    world: tuple[sessionmaker[Session], ArtifactStore], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Protobuf's limit lowered (in this process, where the runner runs): the MLP's FP16 variant takes the path a
+    # variant over 2 GB takes, its weights in a data file beside the graph.
+    monkeypatch.setattr(graph, "LARGE_MODEL_BYTES", 10_000)
+    monkeypatch.setattr(graph, "EXTERNAL_MIN_BYTES", 1024)
+    factory, store = world
+    job_id = _job(factory, recipe={"steps": [{"op": "quantize", "mode": "fp16"}]})
+    assert _runner(factory, store).run(job_id) == "succeeded", _state(factory, job_id).error
+    service = ModelService(session_factory=factory, store=store, catalog=Catalog(factory, 1.0),
+                           providers=["CPUExecutionProvider"], enqueue=lambda _job_id: None)
+    path, folder = service.artifact("mlp", "q")
+    assert folder is not None and sorted(p.name for p in folder.iterdir() if p.name != "MANIFEST.json") == \
+        ["model.onnx", "q.onnx.data"]
+    report = _state(factory, job_id).report
+    assert report is not None and report["size_bytes"] == graph.model_bytes(path)
+    samples = np.load(MLP_SAMPLES)
+    feed = {"input": samples["input"][:8]}
+    want = ort.InferenceSession(str(MLP)).run(None, feed)[0]
+    np.testing.assert_allclose(ort.InferenceSession(str(path)).run(None, feed)[0], want, atol=2e-2)
+    # The job's private folder is gone: its graph and data file were moved into the store.
+    assert not [p for p in (store.root / "tmp").iterdir() if p.suffix != ".lock"]

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import s3fs
 
-from tests.helpers import MLP, MLP_SAMPLES
+from tests.helpers import CNN_SAMPLES, MLP, MLP_SAMPLES
 from tests.processes import Server, free_port
 from tests.worker.helpers import wait_for_job
 
@@ -39,15 +42,20 @@ def s3_endpoint(tmp_path: Path) -> Iterator[str]:
     process.wait(timeout=10)
 
 
+def _bucket(endpoint: str, bucket: str, postgres_url: str) -> tuple[s3fs.S3FileSystem, dict[str, str]]:
+    """A fresh bucket, and the environment of a node storing its artifacts there under `slimserve/`."""
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint,
+                                                                  "region_name": "us-east-1"}}
+    assert httpx.put(f"{endpoint}/{bucket}").status_code == 200  # create the bucket
+    env = {"SLIMSERVE_DATABASE_URL": postgres_url, "SLIMSERVE_STORAGE_URL": f"s3://{bucket}/slimserve",
+           "SLIMSERVE_STORAGE_OPTIONS": json.dumps(options)}
+    return s3fs.S3FileSystem(**options), env
+
+
 def test_two_nodes_share_artifacts_through_s3(
     server_factory: Callable[..., Server], postgres_url: str, s3_endpoint: str, tmp_path: Path,
 ) -> None:
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint,
-                                                                  "region_name": "us-east-1"}}
-    fs = s3fs.S3FileSystem(**options)
-    assert httpx.put(f"{s3_endpoint}/models-bucket").status_code == 200  # create the bucket
-    env = {"SLIMSERVE_DATABASE_URL": postgres_url, "SLIMSERVE_STORAGE_URL": "s3://models-bucket/slimserve",
-           "SLIMSERVE_STORAGE_OPTIONS": json.dumps(options)}
+    fs, env = _bucket(s3_endpoint, "models-bucket", postgres_url)
     node_a = server_factory(tmp_path / "node-a", **env)
     # Node B runs no jobs (both schedulers see the shared database), so its disk only ever gets what it serves.
     node_b = server_factory(tmp_path / "node-b", SLIMSERVE_EMBEDDED_WORKERS="0", **env)
@@ -73,3 +81,49 @@ def test_two_nodes_share_artifacts_through_s3(
         assert b.delete("/models/mlp").status_code == 204
     assert [key for key in fs.find("models-bucket/slimserve", refresh=True) if key.endswith(".onnx")] == []
     httpx.get(f"{s3_endpoint}/moto-api/reset")
+
+
+def test_folder_models_and_tokenizers_travel_through_s3(
+    server_factory: Callable[..., Server], postgres_url: str, s3_endpoint: str, tmp_path: Path,
+) -> None:
+    """An ONNX model with external data and a converted Hugging Face folder, stored by node A, served by node B."""
+    from tests.api.test_archives import _external, _files, _zip
+    from tests.e2e.test_huggingface import TEXTS, _settled, _upload
+    from tests.exports import hf_folders
+
+    fs, env = _bucket(s3_endpoint, "folders-bucket", postgres_url)
+    node_a = server_factory(tmp_path / "node-a", **env)
+    node_b = server_factory(tmp_path / "node-b", SLIMSERVE_EMBEDDED_WORKERS="0", **env)
+    export = _external(tmp_path / "export")
+    bundle = _zip({f"export/{k}": v for k, v in _files(export.parent).items()})
+    with node_a.client() as a:
+        created = a.post("/models", data={"name": "cnn"}, files={"file": ("cnn.zip", bundle),
+                                                                 "samples": ("s.npz", CNN_SAMPLES.read_bytes())})
+        assert created.status_code == 201, created.text
+        job = a.post("/models/cnn/compressions", json={"recipe": "int8-dynamic"}).json()
+        assert wait_for_job(a, job["id"])["state"] == "succeeded"
+    assert _upload(node_a.url, "bert", hf_folders() / "bert").status_code == 201
+    assert _settled(node_a.url, "bert")["state"] == "ready"
+    stored = fs.find("folders-bucket/slimserve", refresh=True)
+    assert any(key.endswith(".onnxd/weights.bin") for key in stored)
+    assert any(key.endswith(".tok") for key in stored) and any(key.endswith(".hfd/MANIFEST.json") for key in stored)
+    assert not [key for key in stored if ".part-" in key]
+
+    with np.load(CNN_SAMPLES) as archive:
+        rows = archive["input"][:3].tolist()
+    with node_b.client() as b:
+        answers = [b.post("/models/cnn/predict", json={"inputs": {"input": rows}, "variant": variant})
+                   for variant in ("original", "int8-dynamic")]
+        assert [r.status_code for r in answers] == [200, 200], answers[0].text
+        download = b.get("/models/cnn/variants/original/artifact")
+        with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
+            assert sorted(tar.getnames()) == ["cnn-original/model.onnx", "cnn-original/weights.bin"]
+        node_a_answer = httpx.post(f"{node_a.url}/v1/embeddings", json={"model": "bert", "input": TEXTS[:2]}).json()
+        node_b_answer = b.post("/v1/embeddings", json={"model": "bert", "input": TEXTS[:2]})
+        assert node_b_answer.status_code == 200, node_b_answer.text
+        assert node_b_answer.json()["data"] == node_a_answer["data"]
+        assert list((tmp_path / "node-b" / "artifacts").rglob("*.tok"))  # fetched on first use
+        assert b.delete("/models/cnn").status_code == 204
+        assert b.delete("/models/bert").status_code == 204
+    left = fs.find("folders-bucket/slimserve", refresh=True)
+    assert [key for key in left if ".onnxd" in key or ".hfd" in key or key.endswith((".tok", ".onnx"))] == []
