@@ -105,7 +105,12 @@ def _convert(model: Path, target: Path, block: set[str]) -> None:
         source = graph.load(model)
         if not keep_records:
             del source.graph.value_info[:]
-        converted = convert_float_to_float16(source, keep_io_types=True, op_block_list=sorted(block))
+        # Past 2 GB the converter's own shape inference cannot serialize the model: ours runs on the structure.
+        large = graph.is_large(source)
+        if large:
+            source = graph.infer_shapes(source)
+        converted = convert_float_to_float16(source, keep_io_types=True, op_block_list=sorted(block),
+                                             disable_shape_infer=large)
         toposort(converted.graph)  # the converter appends its Cast nodes at the end of the graph
         _drop_dangling_casts(converted.graph)
         _halve_recurrent_weights(converted)
