@@ -225,6 +225,9 @@ class SessionCache:
         try:
             arrays, started, done = await loop.run_in_executor(self._executor, _timed_run, loaded, names, feeds,
                                                                options)
+        except asyncio.CancelledError:
+            options.terminate = True  # the caller is gone (a cancelled gRPC call): stop the work it asked for
+            raise
         except Exception:
             if options.terminate:
                 raise InferenceTimeout(f"the inference ran longer than {timeout:g} s and was stopped") from None
