@@ -75,7 +75,7 @@ def decode_v2(
             raise InvalidInput("each entry of 'inputs' must be an object with name, shape, datatype and data")
         name = item.get("name")
         if not isinstance(name, str) or name not in specs:
-            raise InvalidInput(_unknown_input(name, specs))
+            raise InvalidInput(unknown_input(name, specs))
         spec = specs[name]
         if name in inputs:
             raise InvalidInput(f"input '{name}' is given twice")
@@ -83,7 +83,7 @@ def decode_v2(
         datatype = item.get("datatype")
         if datatype != spec.datatype:
             raise InvalidInput(f"input '{name}' has datatype {datatype!r}, but the model expects {spec.datatype}")
-        _check_shape(shape, spec, limits)
+        check_shape(shape, spec, limits)
         params = item.get("parameters")
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -92,7 +92,7 @@ def decode_v2(
                     f"input '{name}' declares binary_data_size {size!r}, but only "
                     f"{len(binary) - offset} bytes of binary data follow the header"
                 )
-            array = _from_binary(binary[offset:offset + size], shape, spec)
+            array = from_binary(binary[offset:offset + size], shape, spec)
             offset += size
         else:
             if "data" not in item:
@@ -128,9 +128,9 @@ def decode_predict(payload: Any, specs: dict[str, TensorSpec], limits: Limits) -
     for name, data in raw.items():
         spec = specs.get(name)
         if spec is None:
-            raise InvalidInput(_unknown_input(name, specs))
+            raise InvalidInput(unknown_input(name, specs))
         array = _to_array(data, spec)
-        _check_shape(array.shape, spec, limits)
+        check_shape(array.shape, spec, limits)
         inputs[name] = array
     missing = [n for n in specs if n not in inputs]
     if missing:
@@ -156,7 +156,7 @@ def encode_v2(
         datatype = spec.datatype if spec is not None else v2_datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            raw = _to_binary(array, datatype)
+            raw = to_binary(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -218,7 +218,7 @@ def check_requested_outputs(request: InferenceRequest, outputs: dict[str, Tensor
             )
 
 
-def _unknown_input(name: Any, specs: dict[str, TensorSpec]) -> str:
+def unknown_input(name: Any, specs: dict[str, TensorSpec]) -> str:
     if not isinstance(name, str):
         return "every input needs a string 'name'"
     return f"unknown input '{name}'; the model's inputs are: {', '.join(specs)}"
@@ -230,7 +230,7 @@ def _shape(raw: Any, name: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _check_shape(shape: tuple[int, ...], spec: TensorSpec, limits: Limits) -> None:
+def check_shape(shape: tuple[int, ...], spec: TensorSpec, limits: Limits) -> None:
     if len(shape) != len(spec.shape):
         raise InvalidInput(
             f"input '{spec.name}' has rank {len(shape)} (shape {list(shape)}), "
@@ -304,7 +304,7 @@ def _exact_integers(data: Any, spec: TensorSpec) -> np.ndarray:
     return values.astype(spec.numpy_dtype)
 
 
-def _from_binary(raw: bytes, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
+def from_binary(raw: bytes, shape: tuple[int, ...], spec: TensorSpec) -> np.ndarray:
     expected = math.prod(shape)
     if spec.datatype == "BYTES":
         values = _unpack_bytes(raw, spec.name)
@@ -337,7 +337,7 @@ def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:
     return values
 
 
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+def to_binary(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         parts: list[bytes] = []
         for value in array.ravel():
@@ -355,6 +355,20 @@ def _json_data(array: np.ndarray, datatype: str) -> Any:
     if flat.dtype == np.float16:
         return flat.astype(np.float32)
     return np.ascontiguousarray(flat)
+
+
+def as_strings(array: np.ndarray, name: str) -> np.ndarray:
+    """A BYTES tensor as onnxruntime takes it: str elements (it would store bytes as their repr, "b'...'")."""
+    if not any(isinstance(v, bytes) for v in array.flat):
+        return array
+    strings = np.empty(array.shape, dtype=object)
+    for index, value in enumerate(array.flat):
+        try:
+            strings.flat[index] = value.decode("utf-8") if isinstance(value, bytes) else value
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input '{name}': element {index} is not valid UTF-8 (byte {exc.start}); "
+                               "onnxruntime string tensors hold text") from None
+    return strings
 
 
 def count_rows(inputs: dict[str, np.ndarray], specs: dict[str, TensorSpec]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,6 +16,7 @@ from app.errors import InvalidContent, InvalidInput, OutOfMemory, Overloaded, Sl
 from app.metrics import Metrics
 from app.runtime import codecs
 from app.runtime.batching import Batcher
+from app.runtime.datatypes import TensorSpec
 from app.runtime.sessions import LoadedSession, RunResult, SessionCache, SessionOptions
 from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
@@ -26,6 +27,7 @@ from app.storage.artifacts import ArtifactStore
 PROTOCOL_V2 = "v2"
 PROTOCOL_PREDICT = "predict"
 PROTOCOL_OPENAI = "openai"
+PROTOCOL_GRPC = "grpc"
 
 
 @dataclass(slots=True)
@@ -34,6 +36,20 @@ class _Attempt:
 
     model: str = ""
     variant: str = ""
+
+
+@dataclass(slots=True)
+class TensorAnswer:
+    """A V2 request answered, before a transport encodes it."""
+
+    request_model: str
+    variant: str
+    request: codecs.InferenceRequest
+    names: list[str]
+    arrays: list[np.ndarray]
+    specs: dict[str, TensorSpec]
+    parameters: dict[str, Any] | None
+    result: RunResult
 
 
 @dataclass(slots=True)
@@ -108,35 +124,61 @@ class InferenceService:
             "outputs": [spec.to_json() for spec in entry.outputs.values()],
         }
 
+    @property
+    def limits(self) -> codecs.Limits:
+        return self._limits
+
     async def infer_v2(
         self, *, name: str, variant: str | None, body: bytes, header_length: str | None, started: float
     ) -> Prediction:
+        """V2 over REST: JSON, or a JSON header and binary tensors."""
         with self._failures_counted(PROTOCOL_V2, started) as attempt:
-            entry = await self._catalog.get(name)
-            attempt.model, attempt.variant = name, variant or entry.default_variant
-            request = codecs.decode_v2(body, header_length, entry.inputs, self._limits)
-            codecs.check_requested_outputs(request, entry.outputs)
-            chosen, shadow = (variant, None) if variant is not None else choose(entry, request.id)
-            attempt.variant = chosen
-            loaded = await self.load(entry, chosen)
-            wanted = [o.name for o in request.outputs] if request.outputs is not None else None
-            parameters: dict[str, Any] | None = None
-            if entry.text is not None:
-                feeds, result, answer = await self._run_text(entry, chosen, loaded, request.inputs["text"])
-                names, arrays = answer.names, answer.arrays
-                parameters = {"warnings": answer.warnings} if answer.warnings else None
-            else:
-                feeds = request.inputs
-                result = await self._run(entry, chosen, loaded, request.inputs, wanted, request.rows)
-                names, arrays = result.names, result.arrays
-            self._offer(entry, request.inputs, request.rows)
+            answer = await self._infer_request(
+                name, variant, attempt,
+                lambda entry: codecs.decode_v2(body, header_length, entry.inputs, self._limits))
             payload, header = codecs.encode_v2(
-                model=name, variant=chosen, request=request, names=names, results=arrays, specs=entry.outputs,
-                parameters=parameters,
+                model=name, variant=answer.variant, request=answer.request, names=answer.names,
+                results=answer.arrays, specs=answer.specs, parameters=answer.parameters,
             )
+        return self._finish(name, answer.variant, PROTOCOL_V2, payload, header, answer.result, started)
+
+    async def infer_tensors(
+        self, *, name: str, variant: str | None, protocol: str, started: float,
+        decode: Callable[[ModelEntry], codecs.InferenceRequest],
+    ) -> TensorAnswer:
+        """V2 over another transport (gRPC): `decode` turns its message into a request against the model's
+        inputs; the caller encodes the answer and then calls `finished`."""
+        with self._failures_counted(protocol, started) as attempt:
+            return await self._infer_request(name, variant, attempt, decode)
+
+    def finished(self, answer: TensorAnswer, protocol: str, started: float) -> None:
+        self._finish(answer.request_model, answer.variant, protocol, b"", None, answer.result, started)
+
+    async def _infer_request(
+        self, name: str, variant: str | None, attempt: _Attempt,
+        decode: Callable[[ModelEntry], codecs.InferenceRequest],
+    ) -> TensorAnswer:
+        entry = await self._catalog.get(name)
+        attempt.model, attempt.variant = name, variant or entry.default_variant
+        request = decode(entry)
+        codecs.check_requested_outputs(request, entry.outputs)
+        chosen, shadow = (variant, None) if variant is not None else choose(entry, request.id)
+        attempt.variant = chosen
+        loaded = await self.load(entry, chosen)
+        wanted = [o.name for o in request.outputs] if request.outputs is not None else None
+        parameters: dict[str, Any] | None = None
+        if entry.text is not None:
+            feeds, result, answer = await self._run_text(entry, chosen, loaded, request.inputs["text"])
+            names, arrays = answer.names, answer.arrays
+            parameters = {"warnings": answer.warnings} if answer.warnings else None
+        else:
+            feeds = request.inputs
+            result = await self._run(entry, chosen, loaded, request.inputs, wanted, request.rows)
+            names, arrays = result.names, result.arrays
+        self._offer(entry, request.inputs, request.rows)
         if shadow is not None:
             self._shadow(entry, shadow, feeds, result, len(next(iter(feeds.values()))))
-        return self._finish(name, chosen, PROTOCOL_V2, payload, header, result, started)
+        return TensorAnswer(name, chosen, request, names, arrays, entry.outputs, parameters, result)
 
     async def predict(self, *, name: str, body: bytes, started: float) -> Prediction:
         with self._failures_counted(PROTOCOL_PREDICT, started) as attempt:
@@ -240,6 +282,9 @@ class InferenceService:
         self, entry: ModelEntry, variant: str, loaded: LoadedSession, inputs: dict[str, Any],
         wanted: list[str] | None, rows: int,
     ) -> RunResult:
+        for name, spec in entry.inputs.items():
+            if spec.datatype == "BYTES" and name in inputs:
+                inputs = {**inputs, name: codecs.as_strings(inputs[name], name)}
         waiting = self._in_flight.get(loaded.key, 0)
         if waiting >= self._max_queue:
             raise Overloaded(f"{entry.name}/{variant} already has {waiting} requests waiting "
