@@ -27,7 +27,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER slimserve
 WORKDIR /home/slimserve
 VOLUME ["/data"]
-EXPOSE 8000
+# HTTP (REST, /metrics) and gRPC (Open Inference Protocol).
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 # Listening on all interfaces needs SLIMSERVE_API_KEYS (or SLIMSERVE_ALLOW_INSECURE=1): the server refuses otherwise.

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS := models/digits_cnn.onnx models/digits_mlp.onnx models/tiny_transformer.onnx
 PRELOAD ?= {"digits": {"file": "models/digits_cnn.onnx", "samples": "models/digits_cnn.samples.npz"}}
 
-.PHONY: install constraints run test lint soak bench bench-compression bench-jobs models browser clean
+.PHONY: install constraints run test lint soak bench bench-compression bench-jobs models browser clean proto
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ constraints: install
 models: $(STAMP)
 	@test -f models/digits_cnn.onnx -a -f models/digits_mlp.onnx -a -f models/tiny_transformer.onnx \
 		|| $(PY) models/build_models.py --out models
+
+# The gRPC messages, generated from app/api/grpc_service/inference.proto and committed (protoc never runs at
+# install); regenerate after changing the .proto, with the grpcio-tools of constraints.txt.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. app/api/grpc_service/inference.proto
 
 # The example model is registered as `digits` unless SLIMSERVE_PRELOAD_MODELS says otherwise.
 run: install models

@@ -32,7 +32,7 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option(help="Data directory (SLIMSERVE_DATA_DIR)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Server processes")] = 1,
 ) -> None:
-    """Start the HTTP server (Open Inference Protocol, management API, /metrics)."""
+    """Start the HTTP server (Open Inference Protocol, management API, /metrics) and gRPC beside it."""
     # Worker processes build their own Settings from the environment, so flags travel through it.
     for key, value in (("SLIMSERVE_HOST", host), ("SLIMSERVE_PORT", port), ("SLIMSERVE_DATA_DIR", data_dir)):
         if value is not None:
@@ -42,6 +42,8 @@ def serve(
     except ValidationError as exc:
         typer.echo(f"invalid configuration: {exc}", err=True)
         raise typer.Exit(2) from None
+    if workers > 1:
+        os.environ["SLIMSERVE_GRPC_SHARE_PORT"] = "1"  # each process binds the gRPC port; the kernel spreads calls
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes: each writes its metrics to files here and every scrape sums them.
         metrics_dir = settings.data_dir / "prometheus-multiproc"

@@ -18,6 +18,8 @@ from app.api import dashboard, health, jobs, models, openai, predict, v2
 from app.api.deps import Authenticator, Services
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPath
+from app.api.grpc_service import server as grpc_service
+from app.api.v2 import server_version
 from app.errors import Conflict, ModelNotFound
 from app.metrics import Metrics
 from app.runtime.codecs import Limits
@@ -91,11 +93,16 @@ def create_app(settings: Settings | None = None) -> FastPath:
         await capture.start()
         await shadows.start()
         await latency_snapshots.start()
+        grpc_server = await grpc_service.start(
+            app.state.services, server_version(), lambda: bool(getattr(app.state, "ready", False)),
+            share_port=settings.grpc_share_port) if settings.grpc_port else None
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            if grpc_server is not None:
+                await grpc_service.stop(grpc_server)
             await latency_snapshots.stop()
             await shadows.stop()
             await capture.stop()

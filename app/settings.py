@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     """Address the HTTP server binds to."""
     port: int = Field(default=8000, ge=0, le=65535)
     """Port the HTTP server listens on."""
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """Port of the Open Inference Protocol over gRPC, on the same host; 0 turns gRPC off."""
+    grpc_share_port: bool = False
+    """Set by `slimserve serve --workers N`: every server process binds the gRPC port (SO_REUSEPORT)."""
     data_dir: Path = Path("var")
     """Directory for artifacts, temporary uploads and (by default) the SQLite database."""
     storage_url: str | None = None

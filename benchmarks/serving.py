@@ -85,18 +85,19 @@ class Connection:
         self.writer.close()
 
 
-def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
+def build_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{key}: {value}\r\n" for key, value in (headers or {"Content-Type": "application/json"}).items())
     return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
 async def run_point(
     host: str, port: int, path: str, body: bytes, *, concurrency: int, requests: int, warmup: int, label: str,
-    batch: int,
+    batch: int, headers: dict[str, str] | None = None,
 ) -> Point:
-    request = build_request(host, port, path, body)
+    request = build_request(host, port, path, body, headers)
     connections = [await Connection.open(host, port) for _ in range(concurrency)]
     latencies: list[float] = []
     errors = 0

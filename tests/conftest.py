@@ -58,7 +58,8 @@ def _isolated_environment() -> Iterator[None]:
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"data_dir": tmp_path / "data"}
+        # In-process apps serve no gRPC unless a test asks (a port per app, never a developer's 8001).
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "grpc_port": 0}
         values.update(overrides)
         return Settings(**values)
 

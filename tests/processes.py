@@ -32,6 +32,11 @@ class Server:
     port: int
     data_dir: Path
     log: Path
+    grpc_port: int = 0
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -46,6 +51,8 @@ class Server:
 def start_server(data_dir: Path, port: int | None = None, args: tuple[str, ...] = (), **env: str) -> Server:
     port = port or free_port()
     log = data_dir.parent / f"server-{port}-{time.monotonic_ns()}.log"
+    # Every test server gets its own gRPC port: two on 8001 would be refused (or, sharing it, mixed up).
+    env.setdefault("SLIMSERVE_GRPC_PORT", str(free_port()))
     environment = {**os.environ, "SLIMSERVE_DATA_DIR": str(data_dir), "SLIMSERVE_PORT": str(port),
                    "SLIMSERVE_HOST": "127.0.0.1", **env}
     with open(log, "wb") as output:
@@ -53,7 +60,7 @@ def start_server(data_dir: Path, port: int | None = None, args: tuple[str, ...] 
             [sys.executable, "-m", "app", "serve", *args], cwd=REPO, env=environment, stdout=output,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
-    server = Server(process, f"http://127.0.0.1:{port}", port, data_dir, log)
+    server = Server(process, f"http://127.0.0.1:{port}", port, data_dir, log, int(env["SLIMSERVE_GRPC_PORT"]))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

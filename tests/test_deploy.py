@@ -114,3 +114,15 @@ def test_every_dependency_has_a_tested_version() -> None:
     constraints = (REPO / "constraints.txt").read_text().splitlines()
     pinned = {line.split("==")[0].lower().replace("_", "-") for line in constraints if "==" in line}
     assert names - pinned == {"torch"}  # torch: pinned in pyproject.toml itself, installed first from its CPU wheel
+
+
+def test_every_api_replica_exposes_grpc() -> None:
+    container_port = Settings.model_fields["grpc_port"].default
+    assert re.search(rf"^EXPOSE 8000 {container_port}$", DOCKERFILE, re.M)
+    ports = COMPOSE["services"]["api"]["ports"]
+    replicas = COMPOSE["services"]["api"]["deploy"]["replicas"]
+    for published in ports:
+        host_range, _, target = published.rpartition(":")
+        first, _, last = host_range.split(":")[-1].partition("-")
+        assert int(last) - int(first) + 1 == replicas  # one host port per replica
+    assert {p.rpartition(":")[2] for p in ports} == {"8000", str(container_port)}

@@ -50,7 +50,7 @@ _INFER_DOC: dict[str, Any] = {
 }
 
 
-def _server_version() -> str:
+def server_version() -> str:
     try:
         return version("slimserve")
     except PackageNotFoundError:
@@ -60,7 +60,7 @@ def _server_version() -> str:
 @router.get("/v2")
 async def server_metadata() -> OrjsonResponse:
     """Server name, version and protocol extensions."""
-    return OrjsonResponse({"name": "slimserve", "version": _server_version(), "extensions": ["binary_tensor_data"]})
+    return OrjsonResponse({"name": "slimserve", "version": server_version(), "extensions": ["binary_tensor_data"]})
 
 
 def _health_guard(request: Request) -> None:

@@ -206,6 +206,26 @@ def test_texts_in_every_encoding_and_the_bad_ones(server: Server) -> None:
     assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
 
 
+def test_texts_over_grpc_answer_as_over_rest(server: Server) -> None:
+    import tritonclient.grpc as triton
+
+    _settled(server.url, "bert")
+    plain = httpx.post(f"{server.url}/models/bert/predict", json={"inputs": {"text": TEXTS[:2]}}, timeout=30).json()
+    with triton.InferenceServerClient(server.grpc_target) as client:
+        text = triton.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in TEXTS[:2]], dtype=object))
+        answer = client.infer("bert", [text])
+        np.testing.assert_allclose(answer.as_numpy("embeddings"), plain["outputs"]["embeddings"], atol=1e-6)
+        long = triton.InferInput("text", [1], "BYTES")
+        long.set_data_from_numpy(np.array([b"word " * 20_000], dtype=object))
+        warned = client.infer("bert", [long]).get_response()
+        assert "truncated" in warned.parameters["warnings"].string_param
+        bad = triton.InferInput("text", [1], "BYTES")
+        bad.set_data_from_numpy(np.array([b"\xff\xfe not utf-8"], dtype=object))
+        with pytest.raises(Exception, match="INVALID_ARGUMENT.*text 0 is not valid UTF-8"):
+            client.infer("bert", [bad])
+
+
 def test_the_command_line_sends_texts(server: Server) -> None:
     _settled(server.url, "bert")
     command = [sys.executable, "-m", "app", "predict", "bert", "--text", TEXTS[0], "--text", TEXTS[1], "--url",

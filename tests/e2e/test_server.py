@@ -167,6 +167,16 @@ def test_metrics_are_summed_across_server_processes(server_factory: Callable[...
     for _ in range(10):
         metrics = httpx.get(f"{server.url}/metrics").text
         assert _histogram_count(metrics, "mlp", "predict") == 60
+    # Both processes bind the gRPC port too (SO_REUSEPORT): a new channel per call, every one answered.
+    import tritonclient.grpc as triton
+
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    for _ in range(30):
+        with triton.InferenceServerClient(server.grpc_target) as client:
+            assert client.infer("mlp", [tensor]).as_numpy("logits").shape == (1, 10)
+    for _ in range(10):
+        assert _histogram_count(httpx.get(f"{server.url}/metrics").text, "mlp", "grpc") == 30
 
 
 def test_kill_during_routing_changes_leaves_old_or_new_never_a_mix(
