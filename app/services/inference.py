@@ -70,7 +70,7 @@ class Prediction:
 
 def text_padding(entry: ModelEntry) -> dict[str, int] | None:
     """The token inputs the batcher may pad to batch texts of any length, unless the model batches by bucket."""
-    if entry.text is None or (entry.batching or {}).get("text_padding", "longest") != "longest":
+    if entry.text is None or (entry.batching or {}).get("text_padding", "bucket") != "longest":
         return None
     pads = {"input_ids": int(entry.text["pad_id"]), "attention_mask": 0, "token_type_ids": 0}
     return {name: pads[name] for name in entry.text["inputs"] if name in pads}
@@ -233,10 +233,22 @@ class InferenceService:
                         values: Any) -> tuple[dict[str, Any], RunResult, TextAnswer]:
         """Tokenize on the server, run the token tensors, answer in the task's terms."""
         assert entry.text is not None
-        texts, encoded = await asyncio.to_thread(self._texts.encode, entry.text, values)
-        result = await self._run(entry, variant, loaded, encoded.feeds, None, len(texts))
-        answer = self._texts.answer(entry.text, texts, encoded, result.arrays[0])
-        return encoded.feeds, result, answer
+        if entry.text["task"] == "token-classification":  # an answer per token: one batch, as tokenized
+            texts, encoded = await asyncio.to_thread(self._texts.encode, entry.text, values)
+            result = await self._run(entry, variant, loaded, encoded.feeds, None, len(texts))
+            return encoded.feeds, result, self._texts.answer(entry.text, texts, encoded, result.arrays[0])
+        # An answer per text: texts of similar length run together, so a long one does not pad every other.
+        texts, groups = await asyncio.to_thread(self._texts.encode_grouped, entry.text, values)
+        results = await asyncio.gather(*(self._run(entry, variant, loaded, encoded.feeds, None, len(indexes))
+                                         for indexes, encoded in groups))
+        first = results[0].arrays[0]
+        rows = np.empty((len(texts), *first.shape[1:]), dtype=first.dtype)
+        for (indexes, _), part in zip(groups, results, strict=True):
+            rows[indexes] = part.arrays[0]
+        result = RunResult(results[0].names, [rows], max(r.queue_seconds for r in results),
+                           sum(r.infer_seconds for r in results))
+        encoded = self._texts.tokenizer(entry.text).merged(groups)
+        return encoded.feeds, result, self._texts.answer(entry.text, texts, encoded, rows)
 
     async def embed(self, *, name: str, variant: str | None, texts: list[str],
                     started: float) -> tuple[str, np.ndarray, int, Prediction]:

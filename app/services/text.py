@@ -62,6 +62,12 @@ class TextModels:
         texts = decode_texts(values)
         return texts, self.tokenizer(settings).encode(texts)
 
+    def encode_grouped(self, settings: dict[str, Any],
+                       values: np.ndarray | list[Any]) -> tuple[list[str], list[tuple[list[int], Encoded]]]:
+        """The texts in groups of similar length, each padded to its own longest (see TextTokenizer)."""
+        texts = decode_texts(values)
+        return texts, self.tokenizer(settings).encode_grouped(texts)
+
     @staticmethod
     def answer(settings: dict[str, Any], texts: list[str], encoded: Encoded, raw: np.ndarray) -> TextAnswer:
         task = settings["task"]
