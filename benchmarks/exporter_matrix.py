@@ -183,8 +183,10 @@ def run_case(case: Case, workdir: Path) -> list[str]:
             if preset == AUTO:
                 found = search(original=case.model, output=output, data=None, split=split, budget=case.budget,
                                seed=SEED)
-                report, label = found.report, f"winner `{found.winner}`" + (
-                    "" if found.within_budget else " (none met the budget: the closest)")
+                report = found.report
+                assert report is not None
+                label = f"winner `{found.winner}`" + ("" if found.within_budget else
+                                                      f" ({report['auto']['chosen_because']})")
             else:
                 report = run_recipe(original=case.model, output=output, recipe=recipe, split=split,  # type: ignore[arg-type]
                                     budget=case.budget, seed=SEED).report

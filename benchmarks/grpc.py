@@ -242,8 +242,8 @@ def report(points: list[Point]) -> list[str]:
                     None)
 
     ours = "SlimServe gRPC"
-    peers = sorted({p.target for p in points if p.target.endswith("gRPC") and p.target != ours})
     ceiling = "grpc.aio echo (no model, no parsing) gRPC"
+    peers = sorted({p.target for p in points if p.target.endswith("gRPC") and p.target not in (ours, ceiling)})
     lines = [
         "## gRPC, side by side with the peers' gRPC", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/grpc.py`: onnxruntime "
