@@ -138,3 +138,23 @@ def test_without_an_eligible_candidate_the_fallback_prefers_one_within_budget() 
     order = sorted([fast_but_far, slower_but_closer, slow_but_close], key=closeness, reverse=True)
     assert order == [slow_but_close, slower_but_closer, fast_but_far]
     assert closeness(report(False, 1.0, 0.99)) > closeness(fast_but_far)
+
+
+def test_transformers_with_convolutions_also_try_int8_on_their_matmuls_alone(tmp_path: Path) -> None:
+    from app.compression import from_npz
+    from app.compression.search import candidate_names, candidate_recipe
+    from tests.exports import exporter_models
+
+    vit, bert = exporter_models() / "vit.torchscript.onnx", exporter_models() / "bert.torchscript.onnx"
+    names = candidate_names(vit, "transformer")
+    assert names[names.index("int8-dynamic") + 1] == "int8-dynamic-matmul"
+    assert "int8-dynamic-matmul" not in candidate_names(bert, "transformer")  # no convolution: the same as int8
+    data = from_npz(vit.with_name("vit.torchscript.samples.npz"), io_info(vit)[0])
+    result = run_recipe(original=vit, output=tmp_path / "vit.onnx", recipe=candidate_recipe("int8-dynamic-matmul"),
+                        data=data, timing_seconds=0.05)
+    model = load(tmp_path / "vit.onnx")
+    produced = {o: n.op_type for n in model.graph.node for o in n.output}
+    conv_weights = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "FusedConv")]
+    assert conv_weights and all(produced.get(w) != "DequantizeLinear" for w in conv_weights)  # float weights
+    assert {"MatMulInteger", "DynamicQuantizeMatMul"} & {n.op_type for n in model.graph.node}
+    assert result.report["fidelity"]["cosine_mean"] > 0.99
