@@ -172,8 +172,10 @@ class InferenceService:
             names, arrays = answer.names, answer.arrays
             parameters = {"warnings": answer.warnings} if answer.warnings else None
         else:
-            feeds = request.inputs
-            result = await self._run(entry, chosen, loaded, request.inputs, wanted, request.rows)
+            # onnxruntime takes string tensors as str; converted once, for the run and the shadow run alike.
+            feeds = {name: codecs.as_strings(array, name) if entry.inputs[name].datatype == "BYTES" else array
+                     for name, array in request.inputs.items()}
+            result = await self._run(entry, chosen, loaded, feeds, wanted, request.rows)
             names, arrays = result.names, result.arrays
         self._offer(entry, request.inputs, request.rows)
         if shadow is not None:
@@ -294,9 +296,6 @@ class InferenceService:
         self, entry: ModelEntry, variant: str, loaded: LoadedSession, inputs: dict[str, Any],
         wanted: list[str] | None, rows: int,
     ) -> RunResult:
-        for name, spec in entry.inputs.items():
-            if spec.datatype == "BYTES" and name in inputs:
-                inputs = {**inputs, name: codecs.as_strings(inputs[name], name)}
         waiting = self._in_flight.get(loaded.key, 0)
         if waiting >= self._max_queue:
             raise Overloaded(f"{entry.name}/{variant} already has {waiting} requests waiting "
