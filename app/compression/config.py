@@ -35,14 +35,19 @@ class QuantizeStep(_Step):
 
 
 class PruneStep(_Step):
-    """Unstructured (zeroes weights) or structured (removes neurons and channels) pruning."""
+    """Unstructured (zeroes weights) or structured (removes neurons, channels, attention heads, blocks) pruning."""
 
     op: Literal["prune"] = "prune"
-    mode: Literal["unstructured", "structured"]
+    mode: Literal["unstructured", "structured", "heads", "ffn", "layers"]
     sparsity: float = Field(gt=0.0, lt=1.0)
-    """Fraction of weights (unstructured) or of neurons/channels per prunable layer (structured) to remove."""
-    importance: Literal["l1", "l2", "taylor"] = "l2"
-    """Structured only: how channels are ranked; taylor needs data."""
+    """Fraction to remove: of weights (unstructured); of neurons/channels per prunable layer (structured on a
+    CNN or MLP); of each block's attention heads (heads) or FFN neurons (ffn); of the encoder blocks (layers); of
+    the encoder blocks' parameters (structured on a transformer with a dataset)."""
+    importance: Literal["l1", "l2", "taylor", "activation"] | None = None
+    """How what is removed is ranked. None: activation-based on transformers with a dataset (heads, neurons,
+    blocks), else l2 weight norms; l1/l2/taylor keep structured pruning on channels (taylor needs data)."""
+    repair: bool = True
+    """Transformer modes: refit the shrunken output projections by least squares before any training."""
 
 
 class OptimizeStep(_Step):
@@ -63,10 +68,13 @@ class DistillStep(_Step):
     temperature: float = Field(default=4.0, gt=0.0, le=100.0)
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     """Weight of the teacher's soft targets; 1 - alpha goes to hard labels when the dataset has them."""
-    lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    lr: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Adam's learning rate; None: 1e-4 for a transformer (a larger step undoes its pre-training), else 1e-3."""
     batch_size: int = Field(default=64, ge=1, le=4096)
     patience: int = Field(default=8, ge=1, le=100)
     """Epochs without improvement on the held-out split before training stops."""
+    hidden_states: bool = True
+    """Also match the teacher's residual stream after every block the student kept (a pruned transformer)."""
 
 
 Step = Annotated[QuantizeStep | PruneStep | OptimizeStep | DistillStep, Field(discriminator="op")]

@@ -18,10 +18,11 @@ from app.compression import data as model_data
 from app.compression import graph
 from app.compression.config import DistillStep, PruneStep, QuantizeStep, Recipe
 from app.compression.distill.bridge import coverage
-from app.compression.errors import DataRequired
+from app.compression.errors import CompressionError, DataRequired
 from app.compression.normalize import lift_constants, resolve_identities
+from app.compression.prune.apply import keep_count
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 # Which input holds the weight, per op type whose weights steps work on.
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0, "LSTM": 1, "GRU": 1,
                  "com.microsoft.Attention": 1}
@@ -56,8 +57,21 @@ def profile(model: Path, runner: Any = None, load_weights: bool = True) -> dict[
         "bridge_unsupported": coverage.unsupported(proto),
         "structured": _structured(proto) if load_weights or not _has_external_data(proto) else
         {"layers": None, "reason": "not analysed: the weights are in external data"},
+        "transformer": _transformer(proto),
         "synthetic": synthetic,
     }
+
+
+def _transformer(proto: onnx.ModelProto) -> dict[str, Any]:
+    """How many encoder blocks head, neuron and block pruning found, or why it found none."""
+    from app.compression.prune.transformer import find_blocks
+
+    try:
+        return {"blocks": len(find_blocks(proto)), "reason": None}
+    except CompressionError as exc:
+        return {"blocks": 0, "reason": str(exc)[:600]}
+    except Exception as exc:  # an analysis bug must not stop an upload; the job would meet it and say so
+        return {"blocks": None, "reason": f"not analysed ({type(exc).__name__})"}
 
 
 def _has_external_data(proto: onnx.ModelProto) -> bool:
@@ -104,6 +118,18 @@ def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool) -> str 
     if isinstance(step, PruneStep):
         if not (weights.keys() & {"Conv", "Gemm", "MatMul", "ConvTranspose", "com.microsoft.Attention"}):
             return "pruning finds no Conv, Gemm or MatMul with constant weights in this model"
+        transformer = summary.get("transformer") or {}
+        if step.mode in ("heads", "ffn", "layers") or step.importance == "activation":
+            if transformer.get("blocks") == 0:
+                return f"pruning by {step.mode} needs a transformer whose attention can be identified: " \
+                       f"{transformer.get('reason')}"
+            if not has_dataset:
+                return (f"pruning by {step.mode} ranks heads, neurons and blocks on real inputs: upload a dataset "
+                        "for this model first")
+            blocks = transformer.get("blocks")
+            if step.mode == "layers" and blocks and keep_count(blocks, step.sparsity) == blocks:
+                return f"sparsity {step.sparsity} drops none of the {blocks} blocks"
+            return None
         structured = summary.get("structured") or {}
         if step.mode == "structured" and structured.get("layers") == 0:
             return f"structured pruning finds no layer it can safely shrink: {structured.get('reason')}"

@@ -29,10 +29,13 @@ from app.compression.data import ModelData, feeds_per_batch
 from app.compression.distill.bridge.module import OnnxModule, write_back
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, StepFailed, UnsupportedModel
 from app.compression.evaluate import FEATURE_NAMES
+from app.compression.prune import encoder
+from app.compression.prune.transformer import find_blocks
 
 Tensor = torch.Tensor
 
 VALIDATION_FRACTION = 0.15
+DEFAULT_LR, TRANSFORMER_LR = 1e-3, 1e-4
 _EVAL_BATCH = 256
 _VERIFY_SAMPLES = 256
 _REPORT_EVERY_S = 1.0
@@ -91,12 +94,15 @@ def run(model: Path, output: Path, step: DistillStep, ctx: StepContext) -> dict[
         raise UnsupportedModel("the student has no float weights to train")
     ctx.progress(0.0, "teacher outputs")
     teacher_outputs = _teacher_outputs(ctx.original, ctx.train, ctx.threads)
-    prepared, loss_notes = _prepare(teacher_outputs, graph.load(ctx.original), student, ctx.train, step, ctx.seed)
+    teacher_model = graph.load(ctx.original)
+    prepared, loss_notes = _prepare(teacher_outputs, teacher_model, student, ctx.train, step, ctx.seed)
+    lr = step.lr or (TRANSFORMER_LR if encoder.is_transformer(student) else DEFAULT_LR)
+    hidden = _hidden(ctx.original, teacher_model, student, step, ctx.threads)
     inputs, _ = graph.io_info(student)
     batch = step.batch_size if feeds_per_batch(inputs) is None else 1  # fixed-batch graphs take one row
     with _torch_settings(ctx.threads, ctx.seed):
         before = _evaluate(module, prepared, batch)
-        history = _train(module, prepared, step, ctx, batch, before[0])
+        history = _train(module, prepared, step, ctx, batch, before[0], lr, hidden)
         after = _evaluate(module, prepared, batch)
     ctx.progress(_SETUP_SHARE + _TRAIN_SHARE, "export")
     graph.save(write_back(student, module), output)
@@ -123,7 +129,8 @@ def run(model: Path, output: Path, step: DistillStep, ctx: StepContext) -> dict[
         "validation_agreement_after": _round(after[1]),
         **loss_notes,
         "temperature": step.temperature,
-        "lr": step.lr,
+        "lr": lr,
+        "hidden_states": hidden.names if hidden is not None else [],
         "batch_size": batch,
         "samples": {"train": len(next(iter(prepared.train_inputs.values()))),
                     "validation": len(next(iter(prepared.val_inputs.values())))},
@@ -245,6 +252,39 @@ def _prepare(teacher: list[np.ndarray], teacher_model: onnx.ModelProto, student_
     return prepared, notes
 
 
+@dataclass
+class _Hidden:
+    """The teacher's residual stream after the blocks the student kept, matched by name, computed per batch."""
+
+    names: list[str]
+    teacher: Any  # onnxruntime session answering `names`
+    scales: list[float] = field(default_factory=list)
+
+    def targets(self, feeds: dict[str, Tensor]) -> list[Tensor]:
+        values = self.teacher.run(self.names, {k: v.numpy() for k, v in feeds.items()})
+        if not self.scales:  # each stream's mean square on the first batch: losses of equal weight
+            self.scales = [float(np.mean(np.square(v, dtype=np.float64))) + 1e-12 for v in values]
+        return [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in values]
+
+
+def _hidden(original: Path, teacher: onnx.ModelProto, student: onnx.ModelProto, step: DistillStep,
+            threads: int) -> _Hidden | None:
+    if not step.hidden_states:
+        return None
+    try:
+        teacher_ends = {b.end for b in find_blocks(teacher)}
+        student_ends = [b.end for b in find_blocks(student)]
+    except UnsupportedModel:
+        return None  # not a transformer this can match block by block: outputs only
+    outputs = {v.name for v in student.graph.output}
+    names = [n for n in student_ends if n in teacher_ends and n not in outputs]
+    if not names:
+        return None
+    extended = graph.load(original)
+    extended.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return _Hidden(names, graph.session(extended.SerializeToString(), threads, quiet=True))
+
+
 def _split(count: int, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded (train rows, validation rows); early stopping never looks at rows it trained on."""
     order = np.random.default_rng(seed).permutation(count)
@@ -297,10 +337,14 @@ def _evaluate(module: OnnxModule, run_: _Run, batch: int) -> tuple[float, float]
 
 
 def _train(module: OnnxModule, run_: _Run, step: DistillStep, ctx: StepContext, batch: int,
-           baseline: float) -> _History:
-    """Adam epochs with early stopping; the module ends holding the best-validation weights (maybe the start)."""
+           baseline: float, lr: float, hidden: _Hidden | None) -> _History:
+    """Adam epochs with early stopping; the module ends holding the best-validation weights (maybe the start).
+
+    With `hidden`, the training loss adds the normalized MSE of every matched residual stream (as TinyBERT's
+    layer-wise distillation); early stopping still looks at the outputs alone, which is what is served."""
     parameters = module.onnx_parameters()
-    optimizer = torch.optim.Adam(list(parameters.values()), lr=step.lr)
+    optimizer = torch.optim.Adam(list(parameters.values()), lr=lr)
+    names = list(module.output_names) + (hidden.names if hidden is not None else [])
     rng = np.random.default_rng(ctx.seed)
     rows = len(run_.train_teacher[0])
     steps_per_epoch = math.ceil(rows / batch)
@@ -314,9 +358,16 @@ def _train(module: OnnxModule, run_: _Run, step: DistillStep, ctx: StepContext, 
         for index, start in enumerate(range(0, rows, batch)):
             ctx.progress.cancel.check()
             pick = order[start:start + batch]
-            outputs = module({k: v[pick] for k, v in run_.train_inputs.items()})
+            feeds = {k: v[pick] for k, v in run_.train_inputs.items()}
+            values = module.evaluate(feeds, names)
+            outputs = tuple(values[n] for n in module.output_names)
             labels = run_.train_labels[pick] if run_.train_labels is not None else None
             loss = _loss(outputs, [t[pick] for t in run_.train_teacher], labels, run_)
+            if hidden is not None:
+                targets = hidden.targets(feeds)
+                streams = [F.mse_loss(values[n].float(), t) / scale
+                           for n, t, scale in zip(hidden.names, targets, hidden.scales, strict=True)]
+                loss = loss + torch.stack(streams).mean()
             if not torch.isfinite(loss):
                 history.diverged = True
                 break

@@ -2,7 +2,9 @@
 
 Unstructured pruning keeps every shape: on a CPU the zeros pay off only in compressed size. Structured pruning
 really shrinks Conv output channels and Linear output neurons, and with them every tensor and constant that
-depends on them (see `prune.deps` for the dependency analysis and what it refuses to touch).
+depends on them (see `prune.deps` for the dependency analysis and what it refuses to touch). On transformers,
+`prune.encoder` removes attention heads, FFN neurons and whole blocks (modes heads, ffn, layers; structured
+with a dataset chooses among them).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.compression import graph
 from app.compression.config import PruneStep
 from app.compression.context import StepContext
+from app.compression.prune.encoder import is_transformer, run_encoder
 from app.compression.prune.structured import run_structured
 from app.compression.prune.unstructured import run_unstructured
 
@@ -32,4 +36,17 @@ def run(model: Path, output: Path, step: PruneStep, ctx: StepContext) -> dict[st
     """
     if step.mode == "unstructured":
         return run_unstructured(model, output, step, ctx)
+    if step.mode in ("heads", "ffn", "layers") or _encoder_pruning(model, step, ctx):
+        return run_encoder(model, output, step, ctx)
     return run_structured(model, output, step, ctx)
+
+
+def _encoder_pruning(model: Path, step: PruneStep, ctx: StepContext) -> bool:
+    """`structured` on a transformer with real data removes heads, neurons and blocks; else channels."""
+    if step.importance not in (None, "activation"):
+        return False
+    if ctx.train is None or ctx.train.source == "synthetic":
+        if step.importance == "activation":
+            return True  # run_encoder says why it needs a dataset
+        return False
+    return is_transformer(graph.load(model, weights=False))

@@ -46,7 +46,8 @@ def shrinkable(model: onnx.ModelProto) -> tuple[int, str]:
 
 
 def run_structured(model: Path, output: Path, step: PruneStep, ctx: StepContext) -> dict[str, Any]:
-    if step.importance == "taylor" and (ctx.train is None or ctx.train.source == "synthetic"):
+    importance = step.importance or "l2"
+    if importance == "taylor" and (ctx.train is None or ctx.train.source == "synthetic"):
         raise DataRequired("importance 'taylor' ranks channels by their effect on the loss over real samples: "
                            "upload a dataset for this model, or use importance 'l1' or 'l2'")
     ctx.progress(0.0, "analysing channel dependencies")
@@ -65,7 +66,7 @@ def run_structured(model: Path, output: Path, step: PruneStep, ctx: StepContext)
         reasons = "; ".join(dict.fromkeys(entry["reason"] for entry in skipped))
         raise UnsupportedModel(f"structured pruning found no layer it can safely shrink: {reasons[:600]}")
     ctx.progress(0.1, "ranking channels")
-    scores = _scores(proto, analysis, prunable, step, ctx)
+    scores = _scores(proto, analysis, prunable, importance, ctx)
     roots = analysis.roots()
     removed = np.concatenate([choose(analysis, roots, g, scores, step.sparsity) for g in prunable])
     ctx.progress(0.75, "removing channels")
@@ -76,9 +77,9 @@ def run_structured(model: Path, output: Path, step: PruneStep, ctx: StepContext)
     graph.check_step_output(model, output, "prune")
     roots_removed = np.isin(roots, removed)
     notes: dict[str, Any] = {
-        "mode": "structured", "sparsity": step.sparsity, "importance": step.importance,
-        "importance_detail": _importance_detail(step, ctx.train),
-        "pruned": [_pruned(analysis, g, roots_removed, step.importance) for g in prunable],
+        "mode": "structured", "sparsity": step.sparsity, "importance": importance,
+        "importance_detail": _importance_detail(importance, ctx.train),
+        "pruned": [_pruned(analysis, g, roots_removed, importance) for g in prunable],
         "skipped": skipped,
         **parameter_notes(parameters_before, graph.count_parameters(proto)),
         **size_notes(model, output),
@@ -90,18 +91,18 @@ def run_structured(model: Path, output: Path, step: PruneStep, ctx: StepContext)
     return notes
 
 
-def _scores(proto: onnx.ModelProto, analysis: Analysis, prunable: list[Group], step: PruneStep,
-            ctx: StepContext) -> list[np.ndarray]:
+def _scores(proto: onnx.ModelProto, analysis: Analysis, prunable: list[Group], importance: str,
+             ctx: StepContext) -> list[np.ndarray]:
     """Importance of every output channel of the layers in `prunable` (other layers get empty scores)."""
     wanted = sorted(i for g in prunable for i in g.producers)
     members = [analysis.producers[i] for i in wanted]
-    if step.importance == "taylor":
+    if importance == "taylor":
         assert ctx.train is not None
         values = taylor(proto, members, ctx.train, lambda f, d: ctx.progress(0.1 + 0.6 * f, d))
     else:
         tensors = {t.name: t for t in proto.graph.initializer}
         weights = {p.weight: numpy_helper.to_array(tensors[p.weight]) for p in members}
-        values = norms(members, weights, step.importance)
+        values = norms(members, weights, importance)
     scores = [np.zeros(0) for _ in analysis.producers]
     for index, value in zip(wanted, values, strict=True):
         scores[index] = value
@@ -126,11 +127,11 @@ def _skipped(analysis: Analysis, group: Group, sparsity: float) -> list[dict[str
             for p in (analysis.producers[i] for i in group.producers)]
 
 
-def _importance_detail(step: PruneStep, train: ModelData | None) -> str:
-    if step.importance == "taylor":
+def _importance_detail(importance: str, train: ModelData | None) -> str:
+    if importance == "taylor":
         samples = min(len(train), TAYLOR_SAMPLES) if train is not None else 0
         return (f"first-order Taylor |activation x gradient| per sample over {samples} samples "
                 "(cross-entropy for a classifier, half the squared output norm otherwise); "
                 "tied layers' scores divided by their mean, then summed")
-    norm = "L1" if step.importance == "l1" else "L2"
+    norm = "L1" if importance == "l1" else "L2"
     return f"{norm} norm of each output channel's weights; tied layers' scores divided by their mean, then summed"

@@ -1,0 +1,376 @@
+"""Structured pruning of transformer encoders: attention heads, FFN neurons and whole blocks, chosen on data.
+
+Importance is activation-based, measured with onnxruntime on the step's training samples:
+- a head's is the mean L2 norm, over real tokens, of what it adds to its block's output (its slice of the
+  attention context times its rows of the output projection);
+- an FFN neuron's is the mean |activation| over real tokens times the L2 norm of its row of the down-projection;
+- a block's is what dropping it alone costs: 1 - the output fidelity (cosine, or top-1 agreement) without it.
+Heads and neurons are ranked within each block (every block keeps the same share, at least one); blocks are
+dropped least important first.
+
+After the cut, each shrunken output projection is repaired by least squares (Kwon et al., "A Fast Post-Training
+Pruning Framework for Transformers", 2022): the kept rows are refit so that, on the same samples, the projection
+reproduces what the full layer produced — from the Gram matrix of the layer's input, collected in the same pass.
+
+Mode `structured` on a transformer removes the requested share of the encoder blocks' parameters in the
+proportion measured to cost least: it builds each plan (heads and neurons alike; whole blocks; half blocks, half
+width; FFN neurons alone where they suffice), measures every one on held-out samples, and keeps the best.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from app.compression import graph
+from app.compression.config import PruneStep
+from app.compression.context import StepContext
+from app.compression.data import ModelData
+from app.compression.errors import DataRequired, InvalidRecipe, UnsupportedModel
+from app.compression.evaluate import is_classifier
+from app.compression.prune.apply import keep_count, lift_constants
+from app.compression.prune.report import latency_notes, parameter_notes, size_notes
+from app.compression.prune.surgery import Surgery
+from app.compression.prune.transformer import Block, find_blocks, split_outputs
+
+IMPORTANCE_SAMPLES = 256
+VALIDATION_SAMPLES = 64
+_BATCH = 16
+_RIDGE = 1e-4  # relative to the Gram matrix's mean diagonal: keeps the repair well-posed on few tokens
+
+
+@dataclass
+class Plan:
+    """What to remove: a share of each block's heads and FFN neurons, and whole blocks."""
+
+    name: str
+    heads: float = 0.0
+    ffn: float = 0.0
+    layers: int = 0
+
+
+@dataclass
+class _Statistics:
+    """One pass of the original over the importance samples."""
+
+    head_scores: list[np.ndarray] = field(default_factory=list)
+    neuron_scores: list[np.ndarray] = field(default_factory=list)
+    head_gram: list[np.ndarray] = field(default_factory=list)
+    """Per block: Gram matrix of the output projection's input (the merged heads), for the repair."""
+    neuron_gram: list[np.ndarray] = field(default_factory=list)
+
+
+def is_transformer(model: onnx.ModelProto) -> bool:
+    """Attention blocks this module can prune were found (at upload, without running the model)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    try:
+        find_blocks(proto)
+    except UnsupportedModel:
+        return False
+    return True
+
+
+def transformer_problem(model: onnx.ModelProto) -> str | None:
+    """Why heads and blocks of this model cannot be pruned, or None when they can."""
+    try:
+        find_blocks(model)
+    except UnsupportedModel as exc:
+        return str(exc)
+    return None
+
+
+def run_encoder(model: Path, output: Path, step: PruneStep, ctx: StepContext) -> dict[str, Any]:
+    started = time.perf_counter()
+    if ctx.train is None or ctx.train.source == "synthetic":
+        raise DataRequired(f"pruning a transformer's {_what(step)} ranks them on real inputs: upload a dataset for "
+                           "this model (text or arrays); generated token ids would rank them on noise")
+    if len(ctx.train) < 8:
+        raise DataRequired(f"the dataset has {len(ctx.train)} samples; pruning a transformer needs at least 8 "
+                           "(some rank the heads and neurons, others check the result)")
+    ctx.progress(0.0, "finding the encoder blocks")
+    proto = graph.load(model)
+    lift_constants(proto)
+    parameters_before = graph.count_parameters(proto)
+    rank_data, check_data = _split(ctx.train, ctx.seed)
+    shapes = _split_shapes(proto, rank_data, ctx.threads)
+    blocks = find_blocks(proto, shapes)
+    plans = _plans(step, blocks, proto)
+    ctx.progress(0.1, "measuring head and neuron importance")
+    stats = _statistics(proto, blocks, rank_data, ctx.threads)
+    reference = _run(proto, check_data, [], ctx.threads)
+    block_cost = _block_costs(proto, blocks, check_data, reference, ctx) if any(p.layers for p in plans) else None
+    ctx.progress(0.6, "building the pruned model")
+    measured = []
+    best: tuple[float, onnx.ModelProto, Plan, dict[str, Any]] | None = None
+    for plan in plans:
+        candidate, details = _apply(proto, blocks, stats, block_cost, plan, step.repair)
+        fidelity = _fidelity(reference, _run(candidate, check_data, [], ctx.threads))
+        entry = {"plan": plan.name, "heads_removed_share": plan.heads, "ffn_removed_share": plan.ffn,
+                 "layers_dropped": plan.layers, "parameters": graph.count_parameters(candidate)[0],
+                 "fidelity_before_recovery": round(fidelity, 6)}
+        if step.repair and len(plans) == 1:  # what the repair bought, measured on the same samples
+            plain, _ = _apply(proto, blocks, stats, block_cost, plan, repair=False)
+            entry["fidelity_without_repair"] = round(_fidelity(reference, _run(plain, check_data, [], ctx.threads)),
+                                                     6)
+        measured.append(entry)
+        if best is None or fidelity > best[0]:
+            best = (fidelity, candidate, plan, details)
+    assert best is not None
+    _, pruned, chosen, details = best
+    graph.save(pruned, output)
+    ctx.progress(0.85, "checking the result")
+    graph.check_step_output(model, output, "prune")
+    notes: dict[str, Any] = {
+        "mode": step.mode, "sparsity": step.sparsity, "importance": "activation",
+        "importance_detail": ("heads: mean L2 norm of each head's contribution to its block's output; FFN neurons: "
+                              "mean |activation| x L2 norm of the down-projection row; blocks: fidelity lost when "
+                              f"the block alone is dropped; on {len(rank_data)} training samples, checked on "
+                              f"{len(check_data)} others"),
+        "repair": "least-squares refit of the shrunken output projections" if step.repair else None,
+        "plan": chosen.name, "plans": measured, "blocks": len(blocks),
+        "heads_per_block": blocks[0].attention.heads, **details,
+        **parameter_notes(parameters_before, graph.count_parameters(pruned)),
+        **size_notes(model, output),
+    }
+    ctx.progress(0.9, "measuring")
+    notes["latency"] = latency_notes(model, output, ctx)
+    notes["seconds"] = round(time.perf_counter() - started, 3)
+    ctx.progress(1.0, "done")
+    return notes
+
+
+def _what(step: PruneStep) -> str:
+    return {"heads": "attention heads", "ffn": "FFN neurons", "layers": "blocks"}.get(step.mode,
+                                                                                    "heads, neurons and blocks")
+
+
+def _split(data: ModelData, seed: int) -> tuple[ModelData, ModelData]:
+    order = np.random.default_rng(seed).permutation(len(data))
+    held = min(max(len(data) // 4, 2), VALIDATION_SAMPLES)
+    return (data.subset(np.sort(order[held:held + IMPORTANCE_SAMPLES])), data.subset(np.sort(order[:held])))
+
+
+# ---- plans -------------------------------------------------------------------------------------------------------
+
+def _plans(step: PruneStep, blocks: list[Block], model: onnx.ModelProto) -> list[Plan]:
+    count = len(blocks)
+    if step.mode == "heads":
+        return [Plan("heads", heads=step.sparsity)]
+    if step.mode == "ffn":
+        return [Plan("ffn", ffn=step.sparsity)]
+    if step.mode == "layers":
+        dropped = count - keep_count(count, step.sparsity)
+        if dropped == 0:
+            raise InvalidRecipe(f"sparsity {step.sparsity} drops no block of {count}: use at least {1 / count:.3g}")
+        return [Plan("layers", layers=dropped)]
+    attention, ffn = _block_widths(model, blocks[0])
+    share = step.sparsity
+    plans = [Plan("heads+ffn", heads=share, ffn=share)]
+    depth = round(share * count)
+    if 0 < depth < count:
+        plans.append(Plan("layers", layers=depth))
+    half = math.floor(share * count / 2)
+    if 0 < half < count:
+        rest = (share * count - half) / (count - half)
+        if rest < 0.95:
+            plans.append(Plan("layers+heads+ffn", heads=rest, ffn=rest, layers=half))
+    if ffn and share * (attention + ffn) <= 0.9 * ffn:
+        plans.append(Plan("ffn", ffn=share * (attention + ffn) / ffn))
+    return plans
+
+
+def _block_widths(model: onnx.ModelProto, block: Block) -> tuple[int, int]:
+    """(attention parameters, FFN parameters) of one block."""
+    sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    attention = block.attention
+    projections = [attention.query, attention.key, attention.value, attention.out]
+    ffn = [block.ffn.up, block.ffn.down] if block.ffn is not None else []
+
+    def total(items: list[Any]) -> int:
+        return sum(sizes[p.weight] + (sizes[p.bias] if p.bias else 0) for p in items)
+
+    return total(projections), total(ffn)
+
+
+def _apply(model: onnx.ModelProto, blocks: list[Block], stats: _Statistics, block_cost: np.ndarray | None,
+           plan: Plan, repair: bool) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    surgery = Surgery(candidate)
+    weights = {t.name: t for t in model.graph.initializer}
+
+    def original(name: str) -> np.ndarray:
+        return numpy_helper.to_array(weights[name])
+
+    kept_heads, kept_neurons = [], []
+    for index, block in enumerate(blocks):
+        heads = np.arange(block.attention.heads)
+        if plan.heads:
+            keep = keep_count(block.attention.heads, plan.heads)
+            heads = np.sort(np.argsort(-stats.head_scores[index], kind="stable")[:keep])
+            surgery.keep_heads(block.attention, heads.tolist())
+            if repair:
+                columns = _head_columns(heads, block.attention.head_dim)
+                surgery.set_weight(block.attention.out.matmul,
+                                   _refit(stats.head_gram[index], original(block.attention.out.weight),
+                                          columns))
+        kept_heads.append(len(heads))
+        if block.ffn is not None and plan.ffn:
+            width = len(stats.neuron_scores[index])
+            keep = keep_count(width, plan.ffn)
+            neurons = np.sort(np.argsort(-stats.neuron_scores[index], kind="stable")[:keep])
+            surgery.keep_neurons(block.ffn, neurons)
+            if repair:
+                surgery.set_weight(block.ffn.down.matmul,
+                                   _refit(stats.neuron_gram[index], original(block.ffn.down.weight), neurons))
+            kept_neurons.append(int(keep))
+        elif block.ffn is not None:
+            kept_neurons.append(len(stats.neuron_scores[index]))
+    dropped: list[int] = []
+    if plan.layers:
+        assert block_cost is not None
+        dropped = sorted(np.argsort(block_cost, kind="stable")[:plan.layers].tolist())
+        surgery.drop_blocks(blocks, dropped)
+    result = surgery.finish()
+    details = {"heads_kept": [h for i, h in enumerate(kept_heads) if i not in dropped],
+               "ffn_kept": [n for i, n in enumerate(kept_neurons) if i not in dropped],
+               "blocks_dropped": dropped,
+               "block_costs": [round(float(c), 6) for c in block_cost] if block_cost is not None else None}
+    return result, details
+
+
+def _head_columns(heads: np.ndarray, head_dim: int) -> np.ndarray:
+    return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads.tolist()])
+
+
+def _refit(gram: np.ndarray, weight: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Rows for the kept inputs that best reproduce X @ W (all inputs) from X[:, kept], in least squares."""
+    inner = gram[np.ix_(kept, kept)]
+    ridge = _RIDGE * float(np.mean(np.diag(inner))) + 1e-12
+    target = gram[kept] @ weight.astype(np.float64)
+    solved = np.linalg.solve(inner + ridge * np.eye(len(kept)), target)
+    return solved.astype(weight.dtype)
+
+
+# ---- measurements ------------------------------------------------------------------------------------------------
+
+def _session(model: onnx.ModelProto, extra: list[str], threads: int) -> ort.InferenceSession:
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    present = {v.name for v in proto.graph.output}
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra if n not in present)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(threads, 1)
+    options.log_severity_level = 3
+    if proto.ByteSize() > 2**31 - 2**20:
+        raise UnsupportedModel("pruning transformers over 2 GB is not supported yet")
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, data: ModelData, extra: list[str], threads: int) -> list[np.ndarray]:
+    session = _session(model, extra, threads)
+    chunks = [session.run(None, feeds) for feeds in data.batches(_BATCH)]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _split_shapes(model: onnx.ModelProto, data: ModelData, threads: int) -> dict[str, tuple[int, ...]]:
+    names = split_outputs(model)
+    if not names:
+        find_blocks(model)  # raises the reason attention was not found
+    session = _session(model, names, threads)
+    values = session.run(names, next(data.take(2).batches(2)))
+    return {name: tuple(v.shape) for name, v in zip(names, values, strict=True)}
+
+
+def _token_weights(feeds: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """[batch, sequence] weights of real tokens: the attention mask when one matches, else every position."""
+    for name, value in feeds.items():
+        if "mask" in name.lower() and value.ndim == 2 and tuple(value.shape) == shape:
+            return value.astype(np.float64)
+    return np.ones(shape)
+
+
+def _statistics(model: onnx.ModelProto, blocks: list[Block], data: ModelData, threads: int) -> _Statistics:
+    names: list[str] = []
+    for block in blocks:
+        names.append(block.attention.context)
+        if block.ffn is not None:
+            names.append(_down_input(model, block))
+    session = _session(model, names, threads)
+    tensors = {t.name: t for t in model.graph.initializer}
+    stats = _Statistics()
+    heads = [np.zeros(b.attention.heads) for b in blocks]
+    neurons: list[np.ndarray] = [np.zeros(0) for _ in blocks]
+    head_gram: list[np.ndarray] = [np.zeros(0) for _ in blocks]
+    neuron_gram: list[np.ndarray] = [np.zeros(0) for _ in blocks]
+    weight_total = 0.0
+    for feeds in data.batches(_BATCH):
+        values = dict(zip(names, session.run(names, feeds), strict=True))
+        first = values[blocks[0].attention.context]  # [batch, heads, sequence, head_dim]
+        mask = _token_weights(feeds, (first.shape[0], first.shape[2]))
+        root = np.sqrt(mask.reshape(-1, 1))
+        weight_total += float(mask.sum())
+        for index, block in enumerate(blocks):
+            attention = block.attention
+            context = values[attention.context].astype(np.float64)
+            batch, count, sequence, dim = context.shape
+            out = numpy_helper.to_array(tensors[attention.out.weight]).astype(np.float64)
+            per_head = np.einsum("bhsd,hde->bhse", context, out.reshape(count, dim, -1))
+            heads[index] += np.einsum("bhs,bs->h", np.linalg.norm(per_head, axis=-1), mask)
+            merged = context.transpose(0, 2, 1, 3).reshape(batch * sequence, count * dim) * root
+            head_gram[index] = merged.T @ merged + (head_gram[index] if head_gram[index].size else 0)
+            if block.ffn is not None:
+                hidden = values[_down_input(model, block)].astype(np.float64)
+                flat = hidden.reshape(-1, hidden.shape[-1]) * root
+                down = numpy_helper.to_array(tensors[block.ffn.down.weight]).astype(np.float64)
+                score = np.abs(flat).sum(0) * np.linalg.norm(down, axis=1)
+                neurons[index] = score + (neurons[index] if neurons[index].size else 0)
+                neuron_gram[index] = flat.T @ flat + (neuron_gram[index] if neuron_gram[index].size else 0)
+    scale = 1.0 / max(weight_total, 1.0)
+    stats.head_scores = [h * scale for h in heads]
+    stats.neuron_scores = [n * scale for n in neurons]
+    stats.head_gram = [g * scale for g in head_gram]
+    stats.neuron_gram = [g * scale if g.size else g for g in neuron_gram]
+    return stats
+
+
+def _down_input(model: onnx.ModelProto, block: Block) -> str:
+    assert block.ffn is not None
+    return str(model.graph.node[block.ffn.down.matmul].input[0])
+
+
+def _block_costs(model: onnx.ModelProto, blocks: list[Block], data: ModelData, reference: list[np.ndarray],
+                 ctx: StepContext) -> np.ndarray:
+    costs = []
+    for index in range(len(blocks)):
+        ctx.progress.cancel.check()
+        candidate = onnx.ModelProto()
+        candidate.CopyFrom(model)
+        surgery = Surgery(candidate)
+        surgery.drop_blocks(blocks, [index])
+        costs.append(1.0 - _fidelity(reference, _run(surgery.finish(), data, [], ctx.threads)))
+        ctx.progress(0.3 + 0.3 * (index + 1) / len(blocks), f"measuring block {index + 1}/{len(blocks)}")
+    return np.array(costs)
+
+
+def _fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """Top-1 agreement on class scores, else mean cosine, over the first float output."""
+    for want, got in zip(reference, candidate, strict=True):
+        if want.dtype.kind != "f":
+            continue
+        if is_classifier(want):
+            return float(np.mean(want.argmax(-1) == got.argmax(-1)))
+        a = want.reshape(len(want), -1).astype(np.float64)
+        b = got.reshape(len(got), -1).astype(np.float64)
+        denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        return float(np.mean(np.sum(a * b, axis=1) / np.maximum(denominator, 1e-12)))
+    raise UnsupportedModel("the model has no float output to measure the pruning on")

@@ -1,0 +1,380 @@
+"""Where the encoder blocks, attention heads and FFNs of a transformer are in its ONNX graph.
+
+Found from what every exporter writes for multi-head attention (torch.onnx's TorchScript and dynamo exporters of
+Hugging Face BERT, RoBERTa, DistilBERT, ViT...): per head-split projection a `MatMul` by a constant weight, an
+optional bias `Add`, a `Reshape` into [batch, sequence, heads, head_dim] and `Transpose`s; Q·Kᵀ, an optional scale
+and mask, `Softmax`, ·V, a `Transpose` and `Reshape` back, and the output projection. Blocks are found from the
+residual stream: the tensor the attention's residual `Add` reads (block start), that `Add` (with the LayerNorm
+after it in post-LN models), then the FFN's residual `Add` (and its LayerNorm): the block's end, which must be
+the next block's start. Anything else (fused `Attention`, packed QKV, cross-attention) is refused with a reason.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from app.compression.errors import UnsupportedModel
+
+# Ops a head-split projection's value may pass through between its Reshape and the attention MatMuls.
+_THROUGH = {"Transpose", "Cast", "Identity", "Dropout"}
+_SCALE = {"Mul", "Div"}
+_POSITION_WISE = {"Relu", "Gelu", "FastGelu", "Erf", "Tanh", "Sigmoid", "Mul", "Add", "Div", "Pow", "Sub", "Cast",
+                  "Dropout", "Identity", "Softplus", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu"}
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A `MatMul` by a constant [in, out] weight, with the bias `Add` after it if there is one."""
+
+    matmul: int
+    weight: str
+    bias: str | None
+    output: str
+    """The projection's result: the bias Add's output, else the MatMul's."""
+
+
+@dataclass(frozen=True)
+class Attention:
+    query: Projection
+    key: Projection
+    value: Projection
+    out: Projection
+    splits: tuple[int, ...]
+    """The Reshape nodes splitting Q, K and V into heads."""
+    merge: int
+    """The Reshape node joining the heads back."""
+    context: str
+    """softmax(QKᵀ)·V, [batch, heads, sequence, head_dim]: what each head adds, before the output projection."""
+    heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Ffn:
+    up: Projection
+    down: Projection
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    start: str
+    """The residual stream entering the block."""
+    end: str
+    """The residual stream leaving it (the next block's start)."""
+    attention: Attention
+    ffn: Ffn | None
+
+
+class Graph:
+    """Producer and consumer indexes over one graph's nodes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.nodes = list(model.graph.node)
+        self.constants = {t.name: t for t in model.graph.initializer}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for index, node in enumerate(self.nodes):
+            for name in node.output:
+                self.producer[name] = index
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(index)
+        for node in self.nodes:  # a Constant node's value counts as a constant too
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+                self.constants[node.output[0]] = node.attribute[0].t
+
+    def node(self, name: str) -> onnx.NodeProto | None:
+        index = self.producer.get(name)
+        return self.nodes[index] if index is not None else None
+
+    def array(self, name: str) -> np.ndarray | None:
+        tensor = self.constants.get(name)
+        return numpy_helper.to_array(tensor) if tensor is not None else None
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return self.nodes[users[0]] if len(users) == 1 else None
+
+
+def find_blocks(model: onnx.ModelProto, split_shapes: dict[str, tuple[int, ...]] | None = None) -> list[Block]:
+    """The encoder blocks in graph order; raises UnsupportedModel naming why attention cannot be identified.
+
+    `split_shapes` maps each head-split Reshape's output to its shape at run time ([batch, sequence, heads,
+    head_dim]); without it (at upload, where nothing runs) heads and head_dim are 0.
+    """
+    view = Graph(model)
+    fused = sorted({n.op_type for n in view.nodes if n.op_type in ("Attention", "MultiHeadAttention",
+                                                                    "PackedAttention", "GroupQueryAttention")})
+    if fused:
+        raise UnsupportedModel(f"the attention is fused into {', '.join(fused)} (onnxruntime's optimizer wrote it): "
+                               "prune heads, FFN neurons or layers before the 'optimize' step")
+    softmaxes = [i for i, n in enumerate(view.nodes) if n.op_type == "Softmax"]
+    if not softmaxes:
+        raise UnsupportedModel("no attention found: the graph has no Softmax, so it is not a transformer whose "
+                               "heads or layers can be removed")
+    blocks: list[Block] = []
+    post_norm: bool | None = None  # post-LN (BERT) or pre-LN (ViT), decided by the first block
+    for position, softmax in enumerate(softmaxes):
+        attention = _attention(view, softmax, split_shapes)
+        if post_norm is None:
+            post_norm = _normalized_after(view, attention.out.output)
+        start, middle = _residual(view, attention.out.output, f"attention {position}", post_norm)
+        ffn = _ffn(view, _normalized_input(view, middle), middle)
+        if ffn is None:
+            end = middle
+        else:
+            _, end = _residual(view, ffn.down.output, f"FFN {position}", post_norm)
+        blocks.append(Block(position, start, end, attention, ffn))
+    for before, after in zip(blocks, blocks[1:], strict=False):
+        if before.end != after.start:
+            raise UnsupportedModel(f"blocks {before.index} and {after.index} are not joined by one residual stream "
+                                   f"('{before.end}' leaves one, '{after.start}' enters the next)")
+    return blocks
+
+
+def split_outputs(model: onnx.ModelProto) -> list[str]:
+    """The head-split Reshapes' outputs, whose run-time shapes `find_blocks` needs (found without them)."""
+    view = Graph(model)
+    names = []
+    for softmax in (i for i, n in enumerate(view.nodes) if n.op_type == "Softmax"):
+        try:
+            attention = _attention(view, softmax, None)
+        except UnsupportedModel:
+            continue
+        names += [view.nodes[i].output[0] for i in attention.splits]
+    return names
+
+
+def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...]] | None) -> Attention:
+    label = view.nodes[softmax].name or f"Softmax #{softmax}"
+    scores = _walk_up(view, view.nodes[softmax].input[0], {"Add", "Mul", "Div", "Cast", "Where", "Sub"})
+    if scores is None or scores.op_type != "MatMul":
+        raise UnsupportedModel(f"attention at '{label}': no Q·Kᵀ MatMul before its Softmax")
+    probabilities = _walk_down(view, view.nodes[softmax].output[0])
+    if probabilities is None:
+        raise UnsupportedModel(f"attention at '{label}': its Softmax does not feed one ·V MatMul")
+    product, weights_side = probabilities
+    value_side = product.input[1 - weights_side]
+    query, query_split = _head_projection(view, scores.input[0], label, "query")
+    key, key_split = _head_projection(view, scores.input[1], label, "key")
+    value, value_split = _head_projection(view, value_side, label, "value")
+    out, merge = _merge(view, product.output[0], label)
+    width = {_width(view, p.weight) for p in (query, key, value)}
+    if len(width) != 1 or _rows(view, out.weight) not in width:
+        raise UnsupportedModel(f"attention at '{label}': Q, K, V and the output projection have different widths")
+    if len({view.nodes[p.matmul].input[0] for p in (query, key, value)}) != 1:
+        raise UnsupportedModel(f"attention at '{label}': Q, K and V are not projected from one tensor "
+                               "(cross-attention is not pruned)")
+    heads = head_dim = 0
+    if split_shapes is not None:
+        shapes = {split_shapes.get(view.nodes[i].output[0]) for i in (query_split, key_split, value_split)}
+        shape = shapes.pop() if len(shapes) == 1 else None
+        if shape is None or len(shape) != 4 or shape[2] * shape[3] != width.pop():
+            raise UnsupportedModel(f"attention at '{label}': the heads are not split as [batch, sequence, heads, "
+                                   "head_dim] alike for Q, K and V")
+        heads, head_dim = int(shape[2]), int(shape[3])
+    return Attention(query, key, value, out, (query_split, key_split, value_split), merge, product.output[0],
+                     heads, head_dim)
+
+
+def _walk_up(view: Graph, name: str, through: set[str]) -> onnx.NodeProto | None:
+    """The first node above `name` that is not one of `through` (following their first non-constant input)."""
+    node = view.node(name)
+    for _ in range(8):
+        if node is None or node.op_type not in through:
+            return node
+        moving = [i for i in node.input if i and i not in view.constants and view.node(i) is not None]
+        if node.op_type == "Where":
+            moving = moving[-2:]
+        # the score path is the input that comes from a MatMul chain, not the mask's
+        node = next((view.node(i) for i in moving if _reaches_matmul(view, i)), None)
+    return None
+
+
+def _reaches_matmul(view: Graph, name: str) -> bool:
+    node = view.node(name)
+    for _ in range(8):
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return True
+        if node.op_type not in {"Add", "Mul", "Div", "Cast", "Where", "Sub"}:
+            return False
+        node = next((view.node(i) for i in node.input if i and i not in view.constants and view.node(i)), None)
+    return False
+
+
+def _walk_down(view: Graph, name: str) -> tuple[onnx.NodeProto, int] | None:
+    """The ·V MatMul the probabilities reach through casts and dropout, and on which side they enter it."""
+    for _ in range(4):
+        node = view.sole_consumer(name)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node, list(node.input).index(name)
+        if node.op_type not in _THROUGH:
+            return None
+        name = node.output[0]
+    return None
+
+
+def _head_projection(view: Graph, name: str, label: str, role: str) -> tuple[Projection, int]:
+    node = view.node(name)
+    for _ in range(6):
+        if node is None:
+            break
+        if node.op_type in _THROUGH or (node.op_type in _SCALE and _scalar(view, node.input[1])):
+            node = view.node(node.input[0])
+            continue
+        if node.op_type == "Reshape":
+            projection = _projection(view, node.input[0])
+            if projection is None:
+                raise UnsupportedModel(f"attention at '{label}': the {role} is not a MatMul by a constant weight "
+                                       "(packed QKV or a computed weight is not pruned)")
+            if view.sole_consumer(projection.output) is None:
+                raise UnsupportedModel(f"attention at '{label}': the {role} projection is read elsewhere too")
+            return projection, view.producer[node.output[0]]
+        break
+    raise UnsupportedModel(f"attention at '{label}': the {role} is not a projection reshaped into heads")
+
+
+def _merge(view: Graph, name: str, label: str) -> tuple[Projection, int]:
+    for _ in range(4):
+        node = view.sole_consumer(name)
+        if node is None:
+            break
+        if node.op_type == "Reshape":
+            consumer = view.sole_consumer(node.output[0])
+            if consumer is not None and consumer.op_type == "MatMul" and consumer.input[0] == node.output[0]:
+                projection = _projection(view, consumer.output[0], from_matmul=True)
+                if projection is not None:
+                    return projection, view.producer[node.output[0]]
+            break
+        if node.op_type not in _THROUGH:
+            break
+        name = node.output[0]
+    raise UnsupportedModel(f"attention at '{label}': the heads are not merged by a Reshape into one output "
+                           "projection MatMul")
+
+
+def _projection(view: Graph, name: str, from_matmul: bool = False) -> Projection | None:
+    """The projection whose result is `name` (a bias Add's output or the MatMul's), or whose MatMul writes it."""
+    node = view.node(name)
+    bias = None
+    if node is not None and node.op_type == "Add" and not from_matmul:
+        constant = [i for i in node.input if i in view.constants]
+        moving = [i for i in node.input if i not in view.constants]
+        if len(constant) != 1 or len(moving) != 1:
+            return None
+        bias, node = constant[0], view.node(moving[0])
+    if node is None or node.op_type != "MatMul" or node.input[1] not in view.constants \
+            or len(view.constants[node.input[1]].dims) != 2:
+        return None
+    output = name if bias is not None else node.output[0]
+    if from_matmul:  # a bias Add right after the MatMul belongs to the projection
+        after = view.sole_consumer(output)
+        constant = [i for i in after.input if i in view.constants] if after is not None else []
+        if after is not None and after.op_type == "Add" and len(constant) == 1 \
+                and len(view.constants[constant[0]].dims) == 1:
+            bias, output = constant[0], after.output[0]
+    if bias is not None and list(view.constants[bias].dims) != [view.constants[node.input[1]].dims[1]]:
+        return None
+    return Projection(view.producer[node.output[0]], node.input[1], bias, output)
+
+
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")
+
+
+def _normalized_after(view: Graph, branch: str) -> bool:
+    """Post-LN: the residual Add's sum is read by a LayerNorm alone (pre-LN reads it twice: norm and residual)."""
+    add = view.sole_consumer(branch)
+    after = view.sole_consumer(add.output[0]) if add is not None else None
+    return after is not None and after.op_type in _NORMS
+
+
+def _residual(view: Graph, branch: str, what: str, post_norm: bool) -> tuple[str, str]:
+    """(the stream the branch is added to, the stream after the Add, and after its LayerNorm when post-LN).
+
+    Pre-LN models end in a final LayerNorm after the last block: it is not the block's, so it stays."""
+    add = view.sole_consumer(branch)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        raise UnsupportedModel(f"{what}: its output is not added to a residual stream")
+    stream = add.input[1] if add.input[0] == branch else add.input[0]
+    if not post_norm:
+        return stream, add.output[0]
+    after = view.sole_consumer(add.output[0])
+    if after is None or after.op_type not in _NORMS:
+        raise UnsupportedModel(f"{what}: a post-LN block whose residual sum is not normalized")
+    return stream, after.output[0]
+
+
+def _normalized_input(view: Graph, stream: str) -> list[str]:
+    """What the next sub-layer may read: the stream itself (post-LN) or a LayerNorm of it (pre-LN)."""
+    names = [stream]
+    for index in view.consumers.get(stream, []):
+        node = view.nodes[index]
+        if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
+            names.append(node.output[0])
+    return names
+
+
+def _ffn(view: Graph, inputs: list[str], stream: str) -> Ffn | None:
+    """up-projection, element-wise activation, down-projection added back onto `stream`."""
+    for name in inputs:
+        for index in view.consumers.get(name, []):
+            up = _projection(view, view.nodes[index].output[0], from_matmul=True) \
+                if view.nodes[index].op_type == "MatMul" else None
+            if up is None:
+                continue
+            down = _down(view, up.output)
+            if down is not None and _residual_target(view, down.output) == stream:
+                return Ffn(up, down)
+    return None
+
+
+def _down(view: Graph, name: str) -> Projection | None:
+    """Follow the activation (position-wise ops only) to the MatMul that projects back down."""
+    frontier, derived = [name], {name}
+    for _ in range(24):
+        if not frontier:
+            return None
+        current = frontier.pop(0)
+        for index in view.consumers.get(current, []):
+            node = view.nodes[index]
+            if node.op_type == "MatMul" and node.input[1] in view.constants and node.input[0] == current:
+                return _projection(view, node.output[0], from_matmul=True)
+            if node.op_type not in _POSITION_WISE or node.output[0] in derived:
+                continue
+            # a gate from another projection (SwiGLU) would need slicing too: not an FFN this prunes
+            if any(i not in derived and not _scalar(view, i) for i in node.input if i):
+                continue  # not yet (the other input may be derived later) or never (a gate)
+            derived.add(node.output[0])
+            frontier.append(node.output[0])
+    return None
+
+
+def _residual_target(view: Graph, branch: str) -> str | None:
+    add = view.sole_consumer(branch)
+    if add is None or add.op_type != "Add":
+        return None
+    return str(add.input[1] if add.input[0] == branch else add.input[0])
+
+
+def _scalar(view: Graph, name: str) -> bool:
+    array = view.array(name)
+    return array is not None and array.size == 1
+
+
+def _width(view: Graph, weight: str) -> int:
+    return int(view.constants[weight].dims[1])
+
+
+def _rows(view: Graph, weight: str) -> int:
+    return int(view.constants[weight].dims[0])
