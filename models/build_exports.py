@@ -140,14 +140,14 @@ def _transformer_config(kind: str) -> object:
     raise ValueError(kind)
 
 
-def _auto(kind: str, head: str = "AutoModel") -> Callable[[], nn.Module]:
+def _auto(kind: str, head: str = "AutoModel", attention: str = "eager") -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers as tf
 
         config = _transformer_config(kind)
         if head == "AutoModelForSequenceClassification":
             config.num_labels = 3  # type: ignore[attr-defined]
-        model: nn.Module = getattr(tf, head).from_config(config, attn_implementation="eager")
+        model: nn.Module = getattr(tf, head).from_config(config, attn_implementation=attention)
         return model.eval()
 
     return build
@@ -218,15 +218,17 @@ _HIDDEN = ("last_hidden_state",)
 
 
 def _text(name: str, kind: str, dynamo: bool = False, token_types: bool = True, head: str = "AutoModel",
-          outputs: tuple[str, ...] = ("last_hidden_state",)) -> Export:
+          outputs: tuple[str, ...] = ("last_hidden_state",), attention: str = "eager") -> Export:
     dynamic = {k: v for k, v in _TOKENS.items() if token_types or k != "token_type_ids"}
-    return Export(name, _seeded(_hf(_auto(kind, head), outputs)),
+    return Export(name, _seeded(_hf(_auto(kind, head, attention), outputs)),
                   lambda rng, n: token_inputs(rng, n, token_types), list(outputs), dynamo, dynamic)
 
 
 EXPORTS = [
     _text("bert.torchscript", "bert"),
     _text("bert.dynamo", "bert", dynamo=True),
+    # transformers' default attention: torch.onnx writes scaled_dot_product_attention with a NaN guard and reshapes
+    _text("bert-sdpa.torchscript", "bert", attention="sdpa"),
     _text("bert-classifier.torchscript", "bert", head="AutoModelForSequenceClassification", outputs=("logits",)),
     _text("roberta.torchscript", "roberta"),
     _text("distilbert.torchscript", "distilbert", token_types=False),

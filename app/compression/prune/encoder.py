@@ -42,6 +42,7 @@ from app.compression.prune.surgery import Surgery
 from app.compression.prune.transformer import Block, find_blocks, split_outputs
 
 IMPORTANCE_SAMPLES = 256
+MIN_SAMPLES = 8
 VALIDATION_SAMPLES = 64
 _BATCH = 16
 _RIDGE = 1e-4  # relative to the Gram matrix's mean diagonal: keeps the repair well-posed on few tokens
@@ -93,8 +94,9 @@ def run_encoder(model: Path, output: Path, step: PruneStep, ctx: StepContext) ->
     if ctx.train is None or ctx.train.source == "synthetic":
         raise DataRequired(f"pruning a transformer's {_what(step)} ranks them on real inputs: upload a dataset for "
                            "this model (text or arrays); generated token ids would rank them on noise")
-    if len(ctx.train) < 8:
-        raise DataRequired(f"the dataset has {len(ctx.train)} samples; pruning a transformer needs at least 8 "
+    if len(ctx.train) < MIN_SAMPLES:
+        raise DataRequired(f"the dataset has {len(ctx.train)} samples; pruning a transformer needs at least "
+                           f"{MIN_SAMPLES} "
                            "(some rank the heads and neurons, others check the result)")
     ctx.progress(0.0, "finding the encoder blocks")
     proto = graph.load(model)
@@ -106,20 +108,20 @@ def run_encoder(model: Path, output: Path, step: PruneStep, ctx: StepContext) ->
     plans = _plans(step, blocks, proto)
     ctx.progress(0.1, "measuring head and neuron importance")
     stats = _statistics(proto, blocks, rank_data, ctx.threads)
-    reference = _run(proto, check_data, [], ctx.threads)
+    reference = _reference(proto, check_data, ctx.threads)
     block_cost = _block_costs(proto, blocks, check_data, reference, ctx) if any(p.layers for p in plans) else None
     ctx.progress(0.6, "building the pruned model")
     measured = []
     best: tuple[float, onnx.ModelProto, Plan, dict[str, Any]] | None = None
     for plan in plans:
         candidate, details = _apply(proto, blocks, stats, block_cost, plan, step.repair)
-        fidelity = _fidelity(reference, _run(candidate, check_data, [], ctx.threads))
+        fidelity = _fidelity(reference, _run(candidate, check_data, ctx.threads))
         entry = {"plan": plan.name, "heads_removed_share": plan.heads, "ffn_removed_share": plan.ffn,
                  "layers_dropped": plan.layers, "parameters": graph.count_parameters(candidate)[0],
                  "fidelity_before_recovery": round(fidelity, 6)}
         if step.repair and len(plans) == 1:  # what the repair bought, measured on the same samples
             plain, _ = _apply(proto, blocks, stats, block_cost, plan, repair=False)
-            entry["fidelity_without_repair"] = round(_fidelity(reference, _run(plain, check_data, [], ctx.threads)),
+            entry["fidelity_without_repair"] = round(_fidelity(reference, _run(plain, check_data, ctx.threads)),
                                                      6)
         measured.append(entry)
         if best is None or fidelity > best[0]:
@@ -276,10 +278,14 @@ def _session(model: onnx.ModelProto, extra: list[str], threads: int) -> ort.Infe
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _run(model: onnx.ModelProto, data: ModelData, extra: list[str], threads: int) -> list[np.ndarray]:
-    session = _session(model, extra, threads)
+def _run(model: onnx.ModelProto, data: ModelData, threads: int) -> list[np.ndarray]:
+    session = _session(model, [], threads)
     chunks = [session.run(None, feeds) for feeds in data.batches(_BATCH)]
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _reference(model: onnx.ModelProto, data: ModelData, threads: int) -> list[tuple[str, np.ndarray]]:
+    return list(zip([v.name for v in model.graph.output], _run(model, data, threads), strict=True))
 
 
 def _split_shapes(model: onnx.ModelProto, data: ModelData, threads: int) -> dict[str, tuple[int, ...]]:
@@ -348,7 +354,8 @@ def _down_input(model: onnx.ModelProto, block: Block) -> str:
     return str(model.graph.node[block.ffn.down.matmul].input[0])
 
 
-def _block_costs(model: onnx.ModelProto, blocks: list[Block], data: ModelData, reference: list[np.ndarray],
+def _block_costs(model: onnx.ModelProto, blocks: list[Block], data: ModelData,
+                 reference: list[tuple[str, np.ndarray]],
                  ctx: StepContext) -> np.ndarray:
     costs = []
     for index in range(len(blocks)):
@@ -357,17 +364,17 @@ def _block_costs(model: onnx.ModelProto, blocks: list[Block], data: ModelData, r
         candidate.CopyFrom(model)
         surgery = Surgery(candidate)
         surgery.drop_blocks(blocks, [index])
-        costs.append(1.0 - _fidelity(reference, _run(surgery.finish(), data, [], ctx.threads)))
+        costs.append(1.0 - _fidelity(reference, _run(surgery.finish(), data, ctx.threads)))
         ctx.progress(0.3 + 0.3 * (index + 1) / len(blocks), f"measuring block {index + 1}/{len(blocks)}")
     return np.array(costs)
 
 
-def _fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    """Top-1 agreement on class scores, else mean cosine, over the first float output."""
-    for want, got in zip(reference, candidate, strict=True):
+def _fidelity(reference: list[tuple[str, np.ndarray]], candidate: list[np.ndarray]) -> float:
+    """Top-1 agreement on class scores, else mean cosine, over the first float output (as the report's)."""
+    for (name, want), got in zip(reference, candidate, strict=True):
         if want.dtype.kind != "f":
             continue
-        if is_classifier(want):
+        if is_classifier(want, name):
             return float(np.mean(want.argmax(-1) == got.argmax(-1)))
         a = want.reshape(len(want), -1).astype(np.float64)
         b = got.reshape(len(got), -1).astype(np.float64)

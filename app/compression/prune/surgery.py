@@ -41,6 +41,8 @@ class Surgery:
         for split in attention.splits:
             self._reshape(nodes[split], [0, 0, len(heads), attention.head_dim])
         self._reshape(nodes[attention.merge], [0, 0, len(heads) * attention.head_dim])
+        for inner in attention.inner:  # found to keep the shape: copying every dimension is what it did
+            self._reshape(nodes[inner], [0, 0, 0, 0])
 
     def _reshape(self, node: onnx.NodeProto, target: list[int]) -> None:
         """A 0 copies the input's dimension (batch, sequence), which needs allowzero off (dynamo sets it)."""

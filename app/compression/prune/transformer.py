@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from app.compression.errors import UnsupportedModel
 
 # Ops a head-split projection's value may pass through between its Reshape and the attention MatMuls.
-_THROUGH = {"Transpose", "Cast", "Identity", "Dropout"}
+_THROUGH = {"Transpose", "Cast", "Identity", "Dropout", "Where"}
 _SCALE = {"Mul", "Div"}
 _POSITION_WISE = {"Relu", "Gelu", "FastGelu", "Erf", "Tanh", "Sigmoid", "Mul", "Add", "Div", "Pow", "Sub", "Cast",
                   "Dropout", "Identity", "Softplus", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu"}
@@ -52,6 +52,8 @@ class Attention:
     """softmax(QKᵀ)·V, [batch, heads, sequence, head_dim]: what each head adds, before the output projection."""
     heads: int
     head_dim: int
+    inner: tuple[int, ...] = ()
+    """Reshapes between softmax·V and the merge that keep [batch, heads, sequence, head_dim] as it is."""
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,17 @@ class Graph:
         return numpy_helper.to_array(tensor) if tensor is not None else None
 
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(name, [])
+        """The one node computing with `name`; `Shape` readers do not count (exporters' dynamic shape
+        arithmetic, which the surgery replaces by constants where it matters)."""
+        users = [i for i in self.consumers.get(name, []) if self.nodes[i].op_type != "Shape"]
         return self.nodes[users[0]] if len(users) == 1 else None
 
 
 def find_blocks(model: onnx.ModelProto, split_shapes: dict[str, tuple[int, ...]] | None = None) -> list[Block]:
     """The encoder blocks in graph order; raises UnsupportedModel naming why attention cannot be identified.
 
-    `split_shapes` maps each head-split Reshape's output to its shape at run time ([batch, sequence, heads,
-    head_dim]); without it (at upload, where nothing runs) heads and head_dim are 0.
+    `split_shapes` maps `split_outputs`' tensors to their shapes at run time (a head split is [batch, sequence,
+    heads, head_dim]); without it (at upload, where nothing runs) heads and head_dim are 0.
     """
     view = Graph(model)
     fused = sorted({n.op_type for n in view.nodes if n.op_type in ("Attention", "MultiHeadAttention",
@@ -149,7 +153,8 @@ def split_outputs(model: onnx.ModelProto) -> list[str]:
         except UnsupportedModel:
             continue
         names += [view.nodes[i].output[0] for i in attention.splits]
-    return names
+        names += [name for i in attention.inner for name in (view.nodes[i].input[0], view.nodes[i].output[0])]
+    return list(dict.fromkeys(names))
 
 
 def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...]] | None) -> Attention:
@@ -165,7 +170,7 @@ def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...
     query, query_split = _head_projection(view, scores.input[0], label, "query")
     key, key_split = _head_projection(view, scores.input[1], label, "key")
     value, value_split = _head_projection(view, value_side, label, "value")
-    out, merge = _merge(view, product.output[0], label)
+    out, merge, inner = _merge(view, product.output[0], label)
     width = {_width(view, p.weight) for p in (query, key, value)}
     if len(width) != 1 or _rows(view, out.weight) not in width:
         raise UnsupportedModel(f"attention at '{label}': Q, K, V and the output projection have different widths")
@@ -180,8 +185,13 @@ def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...
             raise UnsupportedModel(f"attention at '{label}': the heads are not split as [batch, sequence, heads, "
                                    "head_dim] alike for Q, K and V")
         heads, head_dim = int(shape[2]), int(shape[3])
+        for index in inner:
+            node = view.nodes[index]
+            if split_shapes.get(node.input[0]) != split_shapes.get(node.output[0]):
+                raise UnsupportedModel(f"attention at '{label}': Reshape '{node.name}' between the heads' "
+                                       "product and their merge changes the shape")
     return Attention(query, key, value, out, (query_split, key_split, value_split), merge, product.output[0],
-                     heads, head_dim)
+                     heads, head_dim, inner)
 
 
 def _walk_up(view: Graph, name: str, through: set[str]) -> onnx.NodeProto | None:
@@ -214,7 +224,7 @@ def _reaches_matmul(view: Graph, name: str) -> bool:
 def _walk_down(view: Graph, name: str) -> tuple[onnx.NodeProto, int] | None:
     """The ·V MatMul the probabilities reach through casts and dropout, and on which side they enter it."""
     for _ in range(4):
-        node = view.sole_consumer(name)
+        node = view.sole_consumer(name) or _nan_guard(view, name)
         if node is None:
             return None
         if node.op_type == "MatMul":
@@ -222,6 +232,18 @@ def _walk_down(view: Graph, name: str) -> tuple[onnx.NodeProto, int] | None:
         if node.op_type not in _THROUGH:
             return None
         name = node.output[0]
+    return None
+
+
+def _nan_guard(view: Graph, name: str) -> onnx.NodeProto | None:
+    """`Where(IsNaN(p), 0, p)`: how torch.onnx writes scaled_dot_product_attention's fully-masked rows."""
+    users: list[onnx.NodeProto] = [view.nodes[i] for i in view.consumers.get(name, [])
+                                   if view.nodes[i].op_type != "Shape"]
+    isnan = next((n for n in users if n.op_type == "IsNaN"), None)
+    where: onnx.NodeProto | None = next((n for n in users if n.op_type == "Where"), None)
+    if len(users) == 2 and isnan is not None and where is not None and where.input[0] == isnan.output[0] \
+            and where.input[2] == name:
+        return where
     return None
 
 
@@ -245,8 +267,10 @@ def _head_projection(view: Graph, name: str, label: str, role: str) -> tuple[Pro
     raise UnsupportedModel(f"attention at '{label}': the {role} is not a projection reshaped into heads")
 
 
-def _merge(view: Graph, name: str, label: str) -> tuple[Projection, int]:
-    for _ in range(4):
+def _merge(view: Graph, name: str, label: str) -> tuple[Projection, int, tuple[int, ...]]:
+    """(output projection, the Reshape merging the heads, Reshapes before it that keep the 4-D shape)."""
+    inner: list[int] = []
+    for _ in range(6):
         node = view.sole_consumer(name)
         if node is None:
             break
@@ -255,9 +279,10 @@ def _merge(view: Graph, name: str, label: str) -> tuple[Projection, int]:
             if consumer is not None and consumer.op_type == "MatMul" and consumer.input[0] == node.output[0]:
                 projection = _projection(view, consumer.output[0], from_matmul=True)
                 if projection is not None:
-                    return projection, view.producer[node.output[0]]
-            break
-        if node.op_type not in _THROUGH:
+                    return projection, view.producer[node.output[0]], tuple(inner)
+                break
+            inner.append(view.producer[node.output[0]])  # e.g. torch.onnx's scaled_dot_product_attention
+        elif node.op_type not in _THROUGH:
             break
         name = node.output[0]
     raise UnsupportedModel(f"attention at '{label}': the heads are not merged by a Reshape into one output "

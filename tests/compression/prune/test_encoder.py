@@ -17,6 +17,7 @@ from app.compression import graph
 from app.compression.config import DistillStep, PruneStep, parse_recipe
 from app.compression.context import StepContext
 from app.compression.data import ModelData, from_npz
+from app.compression.distill import run as distill
 from app.compression.errors import DataRequired, InvalidRecipe, UnsupportedModel
 from app.compression.normalize import normalize
 from app.compression.preflight import check, profile
@@ -28,8 +29,10 @@ from tests.exports import exporter_models
 from tests.helpers import CNN, TRANSFORMER
 
 PruneMode = Literal["unstructured", "structured", "heads", "ffn", "layers"]
-EXPORTS = ["bert.torchscript", "bert.dynamo", "vit.torchscript", "vit.dynamo", "distilbert.torchscript",
-           "roberta.torchscript"]
+# bert-sdpa: transformers' default attention, as torch.onnx writes scaled_dot_product_attention (a NaN guard after
+# the Softmax, a shape-keeping Reshape before the merge)
+EXPORTS = ["bert.torchscript", "bert.dynamo", "bert-sdpa.torchscript", "vit.torchscript", "vit.dynamo",
+           "distilbert.torchscript", "roberta.torchscript"]
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +203,14 @@ def test_each_mode_shrinks_a_real_bert_export(mode: PruneMode, sparsity: float, 
 def test_distillation_matches_the_kept_blocks_hidden_states(normalized: dict[str, Path],
                                                            make_ctx: Callable[..., StepContext],
                                                            tmp_path: Path) -> None:
-    model = normalized["bert.torchscript"]
+    """The teacher is the upload as the exporter wrote it (weights behind Identity nodes), the student comes from
+    its normalized copy: their residual streams still match by name."""
+    model, upload = normalized["bert.torchscript"], exporter_models() / "bert.torchscript.onnx"
     data = _data("bert.torchscript", model)
     pruned = tmp_path / "pruned.onnx"
-    prune(model, pruned, PruneStep(mode="heads", sparsity=0.5), make_ctx(model, train=data))
-    notes = __import__("app.compression.distill", fromlist=["run"]).run(
-        pruned, tmp_path / "distilled.onnx", DistillStep(epochs=2, batch_size=16), make_ctx(model, train=data))
+    prune(model, pruned, PruneStep(mode="heads", sparsity=0.5), make_ctx(upload, train=data))
+    notes = distill(pruned, tmp_path / "distilled.onnx", DistillStep(epochs=2, batch_size=16),
+                    make_ctx(upload, train=data))
     teacher_blocks = find_blocks(onnx.load(model))
     assert notes["hidden_states"] == [teacher_blocks[0].end]  # the last block's end is the output itself
     assert notes["lr"] == 1e-4  # a transformer's default
@@ -227,6 +232,8 @@ def test_bad_transformer_recipes_are_refused_at_submission(normalized: dict[str,
     heads = parse_recipe({"steps": [{"op": "prune", "mode": "heads", "sparsity": 0.5}]})
     assert check(bert, heads, has_dataset=True) == []
     assert "upload a dataset" in check(bert, heads, has_dataset=False)[0]
+    assert "the dataset has 10 samples" in check(bert, heads, has_dataset=True, dataset_samples=10)[0]
+    assert check(bert, heads, has_dataset=True, dataset_samples=11) == []
     few = parse_recipe({"steps": [{"op": "prune", "mode": "layers", "sparsity": 0.2}]})
     assert "drops none of the 2 blocks" in check(bert, few, has_dataset=True)[0]
     cnn = check(profile(CNN), heads, has_dataset=True)
