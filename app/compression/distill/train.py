@@ -29,6 +29,7 @@ from app.compression.data import ModelData, feeds_per_batch
 from app.compression.distill.bridge.module import OnnxModule, write_back
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, StepFailed, UnsupportedModel
 from app.compression.evaluate import FEATURE_NAMES
+from app.compression.normalize import lift_constants, resolve_identities
 from app.compression.prune import encoder
 from app.compression.prune.transformer import find_blocks
 
@@ -271,8 +272,12 @@ def _hidden(original: Path, teacher: onnx.ModelProto, student: onnx.ModelProto, 
             threads: int) -> _Hidden | None:
     if not step.hidden_states:
         return None
+    structure = onnx.ModelProto()
+    structure.CopyFrom(teacher)
+    lift_constants(structure)  # as the student saw it after normalization: weights found behind Identity too
+    resolve_identities(structure)
     try:
-        teacher_ends = {b.end for b in find_blocks(teacher)}
+        teacher_ends = {b.end for b in find_blocks(structure)}
         student_ends = [b.end for b in find_blocks(student)]
     except UnsupportedModel:
         return None  # not a transformer this can match block by block: outputs only
