@@ -21,6 +21,8 @@ from app.compression.distill.bridge import coverage
 from app.compression.errors import CompressionError, DataRequired
 from app.compression.normalize import lift_constants, resolve_identities
 from app.compression.prune.apply import keep_count
+from app.compression.prune.encoder import MIN_SAMPLES as ENCODER_MIN_SAMPLES
+from app.compression.recipes import EVAL_FRACTION
 
 PROFILE_VERSION = 2
 # Which input holds the weight, per op type whose weights steps work on.
@@ -88,7 +90,8 @@ def _structured(proto: onnx.ModelProto) -> dict[str, Any]:
     return {"layers": layers, "reason": reason}
 
 
-def check(summary: dict[str, Any], recipe: Recipe | None, has_dataset: bool) -> list[str]:
+def check(summary: dict[str, Any], recipe: Recipe | None, has_dataset: bool,
+          dataset_samples: int | None = None) -> list[str]:
     """Why `recipe` (None: `auto`) cannot apply to the profiled model, one reason per problem; empty if it can."""
     if summary.get("version") != PROFILE_VERSION:
         return []  # a profile from another version: the job's own checks decide
@@ -97,13 +100,13 @@ def check(summary: dict[str, Any], recipe: Recipe | None, has_dataset: bool) -> 
     if not has_dataset and "error" in synthetic:
         problems.append(synthetic["error"])
     for index, step in enumerate(recipe.steps if recipe is not None else []):
-        reason = _step_problem(summary, step, has_dataset)
+        reason = _step_problem(summary, step, has_dataset, dataset_samples)
         if reason:
             problems.append(f"step {index + 1} ({step.op}): {reason}")
     return problems
 
 
-def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool) -> str | None:
+def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool, samples: int | None) -> str | None:
     weights: dict[str, int] = summary.get("weights") or {}
     ops = ", ".join(summary.get("ops") or []) or "no operators"
     if isinstance(step, QuantizeStep):
@@ -126,6 +129,10 @@ def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool) -> str 
             if not has_dataset:
                 return (f"pruning by {step.mode} ranks heads, neurons and blocks on real inputs: upload a dataset "
                         "for this model first")
+            if samples is not None and _shaping(samples) < ENCODER_MIN_SAMPLES:
+                return (f"the dataset has {samples} samples: pruning a transformer needs at least "
+                        f"{_smallest_dataset()} ({EVAL_FRACTION:.0%} are held out to measure the variant; of the "
+                        f"rest, some rank heads and neurons and {ENCODER_MIN_SAMPLES // 4} or more check the cut)")
             blocks = transformer.get("blocks")
             if step.mode == "layers" and blocks and keep_count(blocks, step.sparsity) == blocks:
                 return f"sparsity {step.sparsity} drops none of the {blocks} blocks"
@@ -139,6 +146,15 @@ def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool) -> str 
     if isinstance(step, DistillStep) and summary.get("bridge_unsupported"):
         return _bridge(summary)
     return None
+
+
+def _shaping(samples: int) -> int:
+    """Samples left to shape the model once the held-out split is set aside (as `ModelData.split` does)."""
+    return samples - min(max(int(round(samples * EVAL_FRACTION)), 1), samples - 1)
+
+
+def _smallest_dataset() -> int:
+    return next(n for n in range(2, 1000) if _shaping(n) >= ENCODER_MIN_SAMPLES)
 
 
 def _bridge(summary: dict[str, Any]) -> str:

@@ -51,7 +51,8 @@ class JobService:
             checked_budget = _budget(budget)
             chosen_dataset = _dataset(model, dataset)
             _check_data_needs(model, parsed, chosen_dataset, checked_budget, session)
-            problems = preflight.check((model.config or {}).get("profile") or {}, parsed, chosen_dataset is not None)
+            problems = preflight.check((model.config or {}).get("profile") or {}, parsed, chosen_dataset is not None,
+                                       chosen_dataset.samples if chosen_dataset is not None else None)
             if problems:
                 raise InvalidContent(preflight.describe(problems), code="recipe_not_applicable")
             name = self._variant_name(session, model, variant, preset)
