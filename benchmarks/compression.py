@@ -141,11 +141,102 @@ def bench_auto(name: str, model: Path, split: tuple[ModelData, ModelData], budge
     return lines
 
 
+# ---- the trained sentence encoder (issue: transformer compression) -------------------------------------------------
+
+ENCODER_RECIPES: dict[str, dict[str, Any] | str] = {
+    "int8-dynamic": "int8-dynamic",
+    "int8-static": "int8-static",
+    "fp16": "fp16",
+    "int4-weight": "int4-weight",
+    "shrink-50": "shrink-50",
+}
+
+
+def encoder_split(folder: Path, model: Path) -> tuple[ModelData, ModelData]:
+    """models/build_encoder.py's training segments to shape, its held-out files' segments to score."""
+    inputs, _ = io_info(model)
+    return from_npz(folder / "calibration.npz", inputs), from_npz(folder / "heldout.npz", inputs)
+
+
+def _one_recipe(model: str, folder: str, spec: dict[str, Any] | str, output: str) -> dict[str, Any]:
+    """In a fresh process, so its time and peak memory are its own."""
+    import resource
+
+    split = encoder_split(Path(folder), Path(model))
+    started = time.perf_counter()
+    result = run_recipe(original=Path(model), output=Path(output), recipe=parse_recipe(spec),
+                        budget=Budget(metric="cosine", max_drop=0.01), seed=SEED, split=split)
+    seconds = time.perf_counter() - started
+    report = measure(Path(model), Path(output), split[1], budget=Budget(metric="cosine", max_drop=0.01), batch_n=8)
+    return {"report": report, "seconds": seconds, "steps": result.report.get("steps"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _isolated(function: Any, *args: Any) -> Any:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def encoder_row(label: str, result: dict[str, Any] | None, error: str | None = None) -> str:
+    if result is None:
+        return f"| {label} | – | – | – | – | – | – | – | {error} |"
+    report = result["report"]
+    latency = report["latency_ms"]["batch_n"]["p50"] / report["original"]["latency_ms"]["batch_n"]["p50"]
+    params = report["parameters"] / report["original"]["parameters"]
+    seconds = "–" if result.get("seconds") is None else f"{result['seconds']:.0f}"
+    memory = "–" if result.get("peak_rss_mb") is None else f"{result['peak_rss_mb'] / 1024:.1f}"
+    return (f"| {label} | {report['size_ratio']:.3f} | {params:.3f} | {latency:.3f} | "
+            f"{report['speedup']['batch_1']:.2f} | {report['fidelity']['cosine_mean']:.4f} | {seconds} | {memory} | "
+            f"{'within' if report['within_budget'] else 'over'} |")
+
+
+ENCODER_HEADER = ("| variant | size × | params × | latency × (b8×128) | speedup b1 | cosine mean | seconds | "
+                  "peak GiB | budget |\n|---|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def bench_encoder(folder: Path, names: list[str] | None, workdir: Path) -> list[str]:
+    model = folder / "sentence_encoder.onnx"
+    built = __import__("json").loads((folder / "build.json").read_text())
+    train, held_out = encoder_split(folder, model)
+    lines = ["### Trained sentence encoder (6 layers, hidden 384, 12 heads; batch 8 × 128 tokens)", "",
+             f"`models/build_encoder.py`: masked-LM for {built['minutes']} min ({built['steps']} steps, loss "
+             f"{built['first_loss']:.2f} → {built['final_loss']:.2f}) on the standard library's docstrings, exported "
+             f"with mean pooling by torch.onnx (TorchScript). Shaping data: {len(train)} training segments; fidelity "
+             f"on {len(held_out)} segments of held-out files; budget: cosine drop ≤ 0.01. Each recipe ran in a "
+             "fresh process: seconds and peak memory are its own (the measurement included).", "", ENCODER_HEADER]
+    cosine = Budget(metric="cosine", max_drop=0.01)
+    if names is None:
+        for label, path in tool_defaults(model, train, workdir).items():
+            lines.append(encoder_row(label, {"report": measure(model, path, held_out, budget=cosine, batch_n=8)}))
+            print(lines[-1], file=sys.stderr)
+    for name in names or list(ENCODER_RECIPES):
+        spec = ENCODER_RECIPES[name]
+        label = f"`{name}`" if isinstance(spec, str) else f"`{name}` {spec['steps']}"
+        try:
+            result = _isolated(_one_recipe, str(model), str(folder), spec, str(workdir / f"encoder-{name}.onnx"))
+            lines.append(encoder_row(label, result))
+        except CompressionError as exc:
+            lines.append(encoder_row(label, None, f"{type(exc).__name__}: {exc}"))
+        print(lines[-1], file=sys.stderr)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", type=Path, help="write the markdown report here")
     parser.add_argument("--tokens", type=int, default=128, help="sequence length for the transformer")
+    parser.add_argument("--encoder", type=Path, help="models/build_encoder.py's output folder: benchmark it alone")
+    parser.add_argument("--only", nargs="*", help="with --encoder: these recipes only (no onnxruntime rows)")
     args = parser.parse_args()
+    if args.encoder:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = "\n".join(bench_encoder(args.encoder, args.only, Path(tmp)))
+        print(report)
+        if args.write:
+            write_section(args.write, "encoder", report)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         lines = [
