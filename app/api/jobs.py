@@ -26,7 +26,8 @@ class CompressionCreate(BaseModel):
     ]})
 
     recipe: str | dict[str, Any] = Field(description="A preset name (optimize, int8-dynamic, int8-static, fp16, "
-                                                     "int4-weight, prune-50, shrink-50, auto) or {'steps': [...]}",
+                                                     "int4-weight, prune-50, shrink-50, shrink-50-int8, "
+                                                     "shrink-70-int8, auto) or {'steps': [...]}",
                                          examples=["int8-static"])
     dataset: str | None = Field(default=None, description="Dataset id or name; default: the model's first dataset",
                                 examples=["samples"])

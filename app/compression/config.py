@@ -95,6 +95,9 @@ class Budget(BaseModel):
     max_drop: float = Field(default=0.01, ge=0.0, le=1.0)
 
 
+_SMALLEST_TRANSFORMER: list[dict[str, Any]] = [
+    {"op": "quantize", "mode": "int4", "op_types": ["Gather"]}, {"op": "optimize", "level": "auto"},
+    {"op": "quantize", "mode": "dynamic", "op_types": ["MatMul"]}]
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "optimize": [{"op": "optimize", "level": "auto"}],
     # Fusing attention first is what makes INT8 pay on transformers (measured: 0.72x latency against 0.94x).
@@ -104,6 +107,13 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "int4-weight": [{"op": "quantize", "mode": "int4", "block_size": 32}],
     "prune-50": [{"op": "prune", "mode": "unstructured", "sparsity": 0.5}],
     "shrink-50": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill"}],
+    # Transformers: half (or 70%) of the blocks' parameters removed as measured cheapest, distilled (8 epochs: on
+    # all-MiniLM-L6-v2 one epoch of 435 segments of 128 tokens takes 44 s here), then 4-bit embedding tables and
+    # INT8 MatMuls (the INT8 embeddings of int8-dynamic are twice the size at no speed gain).
+    "shrink-50-int8": [{"op": "prune", "mode": "structured", "sparsity": 0.5}, {"op": "distill", "epochs": 8},
+                       *_SMALLEST_TRANSFORMER],
+    "shrink-70-int8": [{"op": "prune", "mode": "structured", "sparsity": 0.7}, {"op": "distill", "epochs": 8},
+                       *_SMALLEST_TRANSFORMER],
 }
 AUTO = "auto"
 

@@ -36,7 +36,7 @@ CANDIDATES: dict[Family, list[str]] = {
     "cnn": ["int8-static", "shrink-50", "shrink-50+int8-static"],
     "mlp": ["int8-dynamic", "int8-static", "shrink-50", "shrink-50+int8-dynamic"],
 }
-_NEEDS_REAL_DATA = {"shrink-50", "shrink-50+int8-static", "shrink-50+int8-dynamic"}
+_NEEDS_REAL_DATA = {"shrink-50", "shrink-50+int8-static", "shrink-50+int8-dynamic", "shrink-50-int8"}
 
 
 @dataclass
@@ -57,10 +57,16 @@ def model_family(path: Path) -> Family:
 
 def candidate_names(original: Path, family: Family) -> list[str]:
     """The family's candidates; a transformer with convolutions (a CNN front, a ViT's patch embedding) also
-    tries INT8 on its MatMuls alone."""
+    tries INT8 on its MatMuls alone, and every transformer a structured cut with distillation and INT8 (given
+    real data)."""
     names = list(CANDIDATES[family])
-    if family == "transformer" and any(n.op_type == "Conv" for n in graph.load(original, weights=False).graph.node):
+    proto = graph.load(original, weights=False)
+    if family == "transformer" and any(n.op_type == "Conv" for n in proto.graph.node):
         names.insert(names.index("int8-dynamic") + 1, "int8-dynamic-matmul")
+    if family == "transformer":  # heads, neurons and blocks removed, then INT8 (embedding tables in 4 bits)
+        tables = graph.constant_names(proto)
+        embedded = any(n.op_type == "Gather" and n.input[0] in tables for n in proto.graph.node)
+        names.append("shrink-50-int8" if embedded else "shrink-50+int8-dynamic")
     return names
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from app.compression import graph
 from app.compression.config import PruneStep
 from app.compression.context import StepContext
+from app.compression.errors import UnsupportedModel
 from app.compression.prune.encoder import is_transformer, run_encoder
 from app.compression.prune.structured import run_structured
 from app.compression.prune.unstructured import run_unstructured
@@ -36,8 +37,16 @@ def run(model: Path, output: Path, step: PruneStep, ctx: StepContext) -> dict[st
     """
     if step.mode == "unstructured":
         return run_unstructured(model, output, step, ctx)
-    if step.mode in ("heads", "ffn", "layers") or _encoder_pruning(model, step, ctx):
+    if step.mode in ("heads", "ffn", "layers"):
         return run_encoder(model, output, step, ctx)
+    if _encoder_pruning(model, step, ctx):
+        try:
+            return run_encoder(model, output, step, ctx)
+        except UnsupportedModel as exc:
+            if step.importance == "activation":
+                raise
+            # found at upload, refused once it ran (a per-head position bias, say): channels, as on any model
+            return {**run_structured(model, output, step, ctx), "transformer_pruning": str(exc)}
     return run_structured(model, output, step, ctx)
 
 

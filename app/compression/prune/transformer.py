@@ -54,6 +54,8 @@ class Attention:
     head_dim: int
     inner: tuple[int, ...] = ()
     """Reshapes between softmax·V and the merge that keep [batch, heads, sequence, head_dim] as it is."""
+    added: tuple[str, ...] = ()
+    """What is added to the scores before the Softmax: masks (and, refused, per-head biases)."""
 
 
 @dataclass(frozen=True)
@@ -154,12 +156,13 @@ def split_outputs(model: onnx.ModelProto) -> list[str]:
             continue
         names += [view.nodes[i].output[0] for i in attention.splits]
         names += [name for i in attention.inner for name in (view.nodes[i].input[0], view.nodes[i].output[0])]
+        names += attention.added
     return list(dict.fromkeys(names))
 
 
 def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...]] | None) -> Attention:
     label = view.nodes[softmax].name or f"Softmax #{softmax}"
-    scores = _walk_up(view, view.nodes[softmax].input[0], {"Add", "Mul", "Div", "Cast", "Where", "Sub"})
+    scores, added = _walk_up(view, view.nodes[softmax].input[0], {"Add", "Mul", "Div", "Cast", "Where", "Sub"})
     if scores is None or scores.op_type != "MatMul":
         raise UnsupportedModel(f"attention at '{label}': no Q·Kᵀ MatMul before its Softmax")
     probabilities = _walk_down(view, view.nodes[softmax].output[0])
@@ -185,27 +188,37 @@ def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...
             raise UnsupportedModel(f"attention at '{label}': the heads are not split as [batch, sequence, heads, "
                                    "head_dim] alike for Q, K and V")
         heads, head_dim = int(shape[2]), int(shape[3])
+        for bias in added:  # a mask broadcasts over the heads; a bias per head (relative positions) would not
+            bias_shape = split_shapes.get(bias)
+            if bias_shape is None or (len(bias_shape) == 4 and bias_shape[1] == heads and heads > 1):
+                raise UnsupportedModel(f"attention at '{label}': '{bias}' adds a bias per head to the scores "
+                                       "(relative positions): its heads cannot be sliced with the others")
         for index in inner:
             node = view.nodes[index]
             if split_shapes.get(node.input[0]) != split_shapes.get(node.output[0]):
                 raise UnsupportedModel(f"attention at '{label}': Reshape '{node.name}' between the heads' "
                                        "product and their merge changes the shape")
     return Attention(query, key, value, out, (query_split, key_split, value_split), merge, product.output[0],
-                     heads, head_dim, inner)
+                     heads, head_dim, inner, tuple(added))
 
 
-def _walk_up(view: Graph, name: str, through: set[str]) -> onnx.NodeProto | None:
-    """The first node above `name` that is not one of `through` (following their first non-constant input)."""
+def _walk_up(view: Graph, name: str, through: set[str]) -> tuple[onnx.NodeProto | None, list[str]]:
+    """The first node above `name` that is not one of `through` (following the input that comes from a MatMul
+    chain), and what was added to the path on the way (masks, position biases)."""
     node = view.node(name)
+    added: list[str] = []
     for _ in range(8):
         if node is None or node.op_type not in through:
-            return node
+            return node, added
         moving = [i for i in node.input if i and i not in view.constants and view.node(i) is not None]
         if node.op_type == "Where":
             moving = moving[-2:]
         # the score path is the input that comes from a MatMul chain, not the mask's
-        node = next((view.node(i) for i in moving if _reaches_matmul(view, i)), None)
-    return None
+        path = next((i for i in moving if _reaches_matmul(view, i)), None)
+        if node.op_type in ("Add", "Sub"):
+            added += [i for i in moving if i != path]
+        node = view.node(path) if path is not None else None
+    return None, added
 
 
 def _reaches_matmul(view: Graph, name: str) -> bool:

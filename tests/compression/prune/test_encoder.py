@@ -40,7 +40,7 @@ def normalized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each export as every recipe sees it: after the normalize step."""
     folder, out = exporter_models(), tmp_path_factory.mktemp("normalized")
     paths = {}
-    for name in [*EXPORTS, "bert.ort-optimized", "deberta-v2.torchscript"]:
+    for name in [*EXPORTS, "bert.ort-optimized", "deberta-v2.torchscript", "mpnet.torchscript"]:
         paths[name] = out / f"{name}.onnx"
         normalize(folder / f"{name}.onnx", paths[name], None)
     return paths
@@ -224,6 +224,20 @@ def test_attention_that_cannot_be_identified_is_named(normalized: dict[str, Path
         find_blocks(onnx.load(CNN))
     with pytest.raises(UnsupportedModel, match="attention at"):
         find_blocks(onnx.load(normalized["deberta-v2.torchscript"]))
+    mpnet = normalized["mpnet.torchscript"]
+    feeds = {k: v[:2] for k, v in _data("mpnet.torchscript", mpnet).inputs.items()}
+    with pytest.raises(UnsupportedModel, match="bias per head"):  # relative positions, seen once it runs
+        _blocks(onnx.load(mpnet), feeds)
+
+
+def test_structured_falls_back_to_channels_where_heads_cannot_be_cut(normalized: dict[str, Path],
+                                                                   make_ctx: Callable[..., StepContext],
+                                                                   tmp_path: Path) -> None:
+    model = normalized["mpnet.torchscript"]
+    notes = prune(model, tmp_path / "out.onnx", PruneStep(mode="structured", sparsity=0.5),
+                  make_ctx(model, train=_data("mpnet.torchscript", model)))
+    assert "bias per head" in notes["transformer_pruning"] and notes["importance"] == "l2"
+    assert notes["parameters_after"] < notes["parameters_before"]
 
 
 def test_bad_transformer_recipes_are_refused_at_submission(normalized: dict[str, Path]) -> None:
