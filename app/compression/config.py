@@ -13,6 +13,14 @@ class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class QatConfig(_Step):
+    """Quantization-aware training after static calibration: fake-quantized weights trained on the original."""
+
+    epochs: int = Field(default=3, ge=1, le=100)
+    lr: float = Field(default=2e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+
 class QuantizeStep(_Step):
     """INT8 dynamic/static (QDQ), FP16, or INT4 weight-only quantization."""
 
@@ -26,11 +34,15 @@ class QuantizeStep(_Step):
     """INT4 only: weights per quantization block (a power of two)."""
     op_types: list[str] | None = None
     """Operator types to quantize; None: the step's default for the model (MatMul/Gemm on CNNs for dynamic)."""
+    qat: QatConfig | None = None
+    """Static only: quantization-aware training of the calibrated model on the original's outputs (needs data)."""
 
     @model_validator(mode="after")
     def _block_is_power_of_two(self) -> QuantizeStep:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.qat is not None and self.mode != "static":
+            raise ValueError(f"qat trains a static INT8 model; mode is '{self.mode}'")
         return self
 
 

@@ -110,6 +110,11 @@ def _step_problem(summary: dict[str, Any], step: Any, has_dataset: bool, samples
     weights: dict[str, int] = summary.get("weights") or {}
     ops = ", ".join(summary.get("ops") or []) or "no operators"
     if isinstance(step, QuantizeStep):
+        if step.qat is not None and not has_dataset:
+            return ("quantization-aware training learns from the original's outputs on real inputs: upload a "
+                    "dataset for this model first")
+        if step.qat is not None and summary.get("bridge_unsupported"):
+            return _bridge(summary)
         if step.mode == "fp16" and not summary.get("float_weights"):
             return "fp16 converts float32 weights, and this model has none"
         if step.mode == "int4" and not (weights.get("MatMul") or weights.get("Gemm") or (

@@ -26,6 +26,7 @@ from app.compression.quantize.calibrate import (
     nonfinite_tensors,
 )
 from app.compression.quantize.preprocess import preprocess
+from app.compression.quantize.qat import finetune
 from app.compression.quantize.weights import nonfinite_constant_consumers, quantized_counts
 from app.compression.scoring import Fidelity, Reference
 
@@ -72,7 +73,14 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
     quantizer = _Quantizer(pre, op_types, step, cache, reference, ctx.workdir)
     attempts = _ladder(quantizer, proto, auto_excluded, ctx)
     chosen = _choose(attempts)
-    graph.copy_model(chosen.path, output)
+    qat: dict[str, Any] | None = None
+    if step.qat is not None:
+        ctx.progress(0.9, "quantization-aware training")
+        qat = finetune(chosen.path, output, step.qat, ctx)
+        qat["fidelity_before"] = chosen.fidelity.as_dict() if chosen.fidelity else None
+        qat["fidelity_after"] = reference.measure(output).as_dict()
+    else:
+        graph.copy_model(chosen.path, output)
     notes.update({
         "activation_type": "uint8", "weight_type": "int8", "format": "QDQ", "per_channel": quantizer.per_channel,
         "activation_type_reason": "int8 activations run 2x slower than uint8 on this AVX2 CPU (no VNNI)",
@@ -83,6 +91,7 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
         "nodes_excluded": [{"node": n, "reason": r} for n, r in sorted(chosen.excluded.items())],
         "fidelity": chosen.fidelity.as_dict() if chosen.fidelity else None,
         "fidelity_target": {"cosine_mean": MIN_COSINE, "agreement": MIN_AGREEMENT, "met": _good(chosen)},
+        "qat": qat,
         **chosen.counts,
     })
     return notes

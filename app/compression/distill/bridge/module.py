@@ -27,10 +27,11 @@ from app.compression.distill.bridge.coverage import Node, attribute_value, make_
 from app.compression.distill.bridge.ms_ops import MS_OPS
 from app.compression.distill.bridge.nn_ops import NN_OPS
 from app.compression.distill.bridge.ops import OPS, TORCH_DTYPES, OpFn, Tensor, compute_dtype
+from app.compression.distill.bridge.quant_ops import QUANT_OPS
 from app.compression.errors import UnsupportedModel
 
 assert indexing and recurrent and resize  # imported for the ops they register in OPS
-_ALL_OPS: dict[str, OpFn] = {**OPS, **NN_OPS, **MS_OPS}
+_ALL_OPS: dict[str, OpFn] = {**OPS, **NN_OPS, **MS_OPS, **QUANT_OPS}
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 # (op type -> input positions that hold weights); elementwise ones count only for non-scalar constants
 _WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -40,7 +41,7 @@ _WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "com.microsoft.FusedConv": (1, 2), "com.microsoft.FusedGemm": (0, 1, 2), "com.microsoft.FusedMatMul": (0, 1),
     "com.microsoft.SkipLayerNormalization": (2, 3, 4), "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3),
     "GroupNormalization": (1, 2), "SimplifiedLayerNormalization": (1,), "com.microsoft.Attention": (1, 2),
-    "com.microsoft.BiasGelu": (1,), "com.microsoft.FastGelu": (1,),
+    "com.microsoft.BiasGelu": (1,), "com.microsoft.FastGelu": (1,), "QuantizeLinear": (0,),
     "com.microsoft.EmbedLayerNormalization": (2, 3, 4, 5, 6), "com.microsoft.SkipSimplifiedLayerNormalization": (2, 3),
 }
 _ELEMENTWISE = ("Add", "Sub", "Mul")
