@@ -158,3 +158,24 @@ def test_transformers_with_convolutions_also_try_int8_on_their_matmuls_alone(tmp
     assert conv_weights and all(produced.get(w) != "DequantizeLinear" for w in conv_weights)  # float weights
     assert {"MatMulInteger", "DynamicQuantizeMatMul"} & {n.op_type for n in model.graph.node}
     assert result.report["fidelity"]["cosine_mean"] > 0.99
+
+
+def test_transformers_try_a_structured_cut_with_int8_on_real_data(tmp_path: Path) -> None:
+    """auto's transformer candidates end with heads, neurons and blocks removed, distilled, then INT8: with 4-bit
+    embedding tables where the model has them; a ViT (no table) takes INT8 dynamic after the cut."""
+    from app.compression import from_npz
+    from app.compression.search import candidate_names, candidate_recipe
+    from tests.exports import exporter_models
+
+    bert, vit = exporter_models() / "bert.torchscript.onnx", exporter_models() / "vit.torchscript.onnx"
+    assert candidate_names(bert, "transformer")[-1] == "shrink-50-int8"
+    assert candidate_names(vit, "transformer")[-1] == "shrink-50+int8-dynamic"
+    data = from_npz(bert.with_name("bert.torchscript.samples.npz"), io_info(bert)[0])
+    result = run_recipe(original=bert, output=tmp_path / "bert.onnx", recipe=candidate_recipe("shrink-50-int8"),
+                        data=data, timing_seconds=0.05)
+    ops = {n.op_type for n in load(tmp_path / "bert.onnx").graph.node}
+    assert "GatherBlockQuantized" in ops and {"MatMulInteger", "DynamicQuantizeMatMul"} & ops
+    prune, distill = result.steps[0]["notes"], result.steps[1]["notes"]
+    assert prune["plan"] in {p["plan"] for p in prune["plans"]} and prune["parameters_after"] < \
+        prune["parameters_before"]
+    assert distill["hidden_states"] and result.report["size_ratio"] < 0.5  # a 27k-parameter model: graph overhead

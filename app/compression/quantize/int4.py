@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from app.compression import graph
 from app.compression.config import QuantizeStep
 from app.compression.context import StepContext
@@ -32,7 +34,8 @@ def run_int4(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) ->
     ctx.progress(0.2, "quantizing weights to 4 bits")
     quantizer = _nbits_quantizer()(proto, bits=4, block_size=step.block_size, is_symmetric=True,
                                      op_types_to_quantize=tuple(kinds))
-    quantizer.process()
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row) has scale 0: stored 0
+        quantizer.process()
     graph.save(quantizer.model.model, output)
     data = sample_data(model, ctx)
     ctx.progress(0.8, "measuring fidelity")
