@@ -37,6 +37,7 @@ Tensor = torch.Tensor
 
 VALIDATION_FRACTION = 0.15
 DEFAULT_LR, TRANSFORMER_LR = 1e-3, 1e-4
+DEFAULT_EPOCHS, TRANSFORMER_EPOCHS = 50, 8
 _EVAL_BATCH = 256
 _VERIFY_SAMPLES = 256
 _REPORT_EVERY_S = 1.0
@@ -97,13 +98,15 @@ def run(model: Path, output: Path, step: DistillStep, ctx: StepContext) -> dict[
     teacher_outputs = _teacher_outputs(ctx.original, ctx.train, ctx.threads)
     teacher_model = graph.load(ctx.original)
     prepared, loss_notes = _prepare(teacher_outputs, teacher_model, student, ctx.train, step, ctx.seed)
-    lr = step.lr or (TRANSFORMER_LR if encoder.is_transformer(student) else DEFAULT_LR)
+    transformer = encoder.is_transformer(student)
+    lr = step.lr or (TRANSFORMER_LR if transformer else DEFAULT_LR)
+    epochs = step.epochs or (TRANSFORMER_EPOCHS if transformer else DEFAULT_EPOCHS)
     hidden = _hidden(ctx.original, teacher_model, student, step, ctx.threads)
     inputs, _ = graph.io_info(student)
     batch = step.batch_size if feeds_per_batch(inputs) is None else 1  # fixed-batch graphs take one row
     with _torch_settings(ctx.threads, ctx.seed):
         before = _evaluate(module, prepared, batch)
-        history = _train(module, prepared, step, ctx, batch, before[0], lr, hidden)
+        history = _train(module, prepared, step, ctx, batch, before[0], lr, epochs, hidden)
         after = _evaluate(module, prepared, batch)
     ctx.progress(_SETUP_SHARE + _TRAIN_SHARE, "export")
     graph.save(write_back(student, module), output)
@@ -118,10 +121,10 @@ def run(model: Path, output: Path, step: DistillStep, ctx: StepContext) -> dict[
     primary = prepared.targets[0]
     return {
         "student": source,
-        "epochs_requested": step.epochs,
+        "epochs_requested": epochs,
         "epochs_run": len(history.train_loss),
         "best_epoch": history.best_epoch,
-        "stopped_early": len(history.train_loss) < step.epochs and not history.diverged,
+        "stopped_early": len(history.train_loss) < epochs and not history.diverged,
         "diverged": history.diverged,
         "train_loss": history.train_loss,
         "validation_loss_before": _round(before[0]),
@@ -344,7 +347,7 @@ def _evaluate(module: OnnxModule, run_: _Run, batch: int) -> tuple[float, float]
 
 
 def _train(module: OnnxModule, run_: _Run, step: DistillStep, ctx: StepContext, batch: int,
-           baseline: float, lr: float, hidden: _Hidden | None) -> _History:
+           baseline: float, lr: float, epochs: int, hidden: _Hidden | None) -> _History:
     """Adam epochs with early stopping; the module ends holding the best-validation weights (maybe the start).
 
     With `hidden`, the training loss adds the normalized MSE of every matched residual stream (as TinyBERT's
@@ -359,7 +362,7 @@ def _train(module: OnnxModule, run_: _Run, step: DistillStep, ctx: StepContext, 
     best_loss, best = baseline, _snapshot(parameters)
     stale = 0
     last_report = time.monotonic()
-    for epoch in range(1, step.epochs + 1):
+    for epoch in range(1, epochs + 1):
         order = torch.from_numpy(rng.permutation(rows))
         total, seen = 0.0, 0
         for index, start in enumerate(range(0, rows, batch)):
@@ -384,14 +387,14 @@ def _train(module: OnnxModule, run_: _Run, step: DistillStep, ctx: StepContext, 
             total, seen = total + float(loss.detach()) * len(pick), seen + len(pick)
             if time.monotonic() - last_report >= _REPORT_EVERY_S:  # long epochs still report (and can cancel)
                 last_report = time.monotonic()
-                ctx.progress(_fraction(epoch - 1 + (index + 1) / steps_per_epoch, step.epochs),
-                             f"epoch {epoch}/{step.epochs}")
+                ctx.progress(_fraction(epoch - 1 + (index + 1) / steps_per_epoch, epochs),
+                             f"epoch {epoch}/{epochs}")
         if history.diverged:
             break
         validation, _ = _evaluate(module, run_, batch)
         history.train_loss.append(_round(total / max(seen, 1)))
         history.validation_loss.append(_round(validation))
-        ctx.progress(_fraction(epoch, step.epochs), f"epoch {epoch}/{step.epochs}")
+        ctx.progress(_fraction(epoch, epochs), f"epoch {epoch}/{epochs}")
         last_report = time.monotonic()
         if math.isfinite(validation) and validation < best_loss - 1e-7 * max(1.0, abs(best_loss)):
             best_loss, best, history.best_epoch, stale = validation, _snapshot(parameters), epoch, 0
