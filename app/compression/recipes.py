@@ -163,6 +163,7 @@ def run_recipe(
             if on_step is not None and index + 1 < count:
                 on_step(Checkpoint(done=index + 1, model=current, notes=list(notes), normalize=normalize_notes))
         cancel.check()
+        graph.without_shape_annotations(current)
         try:
             report = evaluate.measure(
                 original, current, held_out, budget=budget, threads=threads, timing_seconds=timing_seconds,
