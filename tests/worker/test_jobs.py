@@ -172,3 +172,19 @@ def test_cancel_a_queued_job_and_delete_a_model_with_jobs(make_settings) -> None
         assert client.delete(f"/jobs/{second['id']}").json()["state"] == "cancelled"
         assert client.delete("/models/mlp").status_code == 204
         assert wait_for_job(client, first["id"], timeout=30)["state"] == "cancelled"
+
+
+def test_transformer_pruning_and_qat_requests_that_cannot_run_are_refused_at_submission(client: TestClient) -> None:
+    assert upload(client, "cnn", CNN, CNN_SAMPLES).status_code == 201
+    heads = client.post("/models/cnn/compressions", json={
+        "recipe": {"steps": [{"op": "prune", "mode": "heads", "sparsity": 0.5}]}})
+    assert heads.status_code == 422 and heads.json()["code"] == "recipe_not_applicable"
+    assert "attention can be identified" in heads.json()["error"] and "no Softmax" in heads.json()["error"]
+    whole = client.post("/models/cnn/compressions", json={
+        "recipe": {"steps": [{"op": "prune", "mode": "heads", "sparsity": 1.0}]}})
+    assert whole.status_code == 422 and "sparsity" in whole.json()["error"]
+    assert upload(client, "bare", MLP).status_code == 201  # no dataset
+    qat = client.post("/models/bare/compressions", json={
+        "recipe": {"steps": [{"op": "quantize", "mode": "static", "qat": {"epochs": 2}}]}})
+    assert qat.status_code == 422 and "quantization-aware training" in qat.json()["error"]
+    assert client.get("/jobs").json()["jobs"] == []
