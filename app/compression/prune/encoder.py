@@ -70,23 +70,12 @@ class _Statistics:
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:
-    """Attention blocks this module can prune were found (at upload, without running the model)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
+    """Attention blocks this module can prune were found (without running the model)."""
     try:
-        find_blocks(proto)
+        find_blocks(model)
     except UnsupportedModel:
         return False
     return True
-
-
-def transformer_problem(model: onnx.ModelProto) -> str | None:
-    """Why heads and blocks of this model cannot be pruned, or None when they can."""
-    try:
-        find_blocks(model)
-    except UnsupportedModel as exc:
-        return str(exc)
-    return None
 
 
 def run_encoder(model: Path, output: Path, step: PruneStep, ctx: StepContext) -> dict[str, Any]:
