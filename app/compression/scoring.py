@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from app.compression import data as model_data
 from app.compression import graph
@@ -64,6 +67,15 @@ def run_outputs(path: Path, data: ModelData, threads: int = 1) -> np.ndarray:
     batch = model_data.feeds_per_batch(inputs) or _BATCH
     parts = [np.asarray(session.run(None, feeds)[0]) for feeds in data.batches(batch)]
     return np.concatenate(parts)
+
+
+def session_exposing(model: onnx.ModelProto, names: Sequence[str], threads: int = 1) -> ort.InferenceSession:
+    """A session of a copy of `model` that also answers the intermediate tensors `names` (by name)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    present = {v.name for v in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    return graph.session(proto.SerializeToString(), threads, quiet=True)
 
 
 class Reference:

@@ -30,8 +30,8 @@ from app.compression.distill.bridge.module import OnnxModule, write_back
 from app.compression.errors import CompressionError, DataRequired, InvalidRecipe, StepFailed, UnsupportedModel
 from app.compression.evaluate import FEATURE_NAMES
 from app.compression.normalize import lift_constants, resolve_identities
-from app.compression.prune import encoder
-from app.compression.prune.transformer import find_blocks
+from app.compression.prune.transformer import Block, find_blocks
+from app.compression.scoring import session_exposing
 
 Tensor = torch.Tensor
 
@@ -98,10 +98,10 @@ def run(model: Path, output: Path, step: DistillStep, ctx: StepContext) -> dict[
     teacher_outputs = _teacher_outputs(ctx.original, ctx.train, ctx.threads)
     teacher_model = graph.load(ctx.original)
     prepared, loss_notes = _prepare(teacher_outputs, teacher_model, student, ctx.train, step, ctx.seed)
-    transformer = encoder.is_transformer(student)
-    lr = step.lr or (TRANSFORMER_LR if transformer else DEFAULT_LR)
-    epochs = step.epochs or (TRANSFORMER_EPOCHS if transformer else DEFAULT_EPOCHS)
-    hidden = _hidden(ctx.original, teacher_model, student, step, ctx.threads)
+    student_blocks = _blocks(student)
+    lr = step.lr or (TRANSFORMER_LR if student_blocks else DEFAULT_LR)
+    epochs = step.epochs or (TRANSFORMER_EPOCHS if student_blocks else DEFAULT_EPOCHS)
+    hidden = _hidden(teacher_model, student, student_blocks, ctx.threads) if step.hidden_states else None
     inputs, _ = graph.io_info(student)
     batch = step.batch_size if feeds_per_batch(inputs) is None else 1  # fixed-batch graphs take one row
     with _torch_settings(ctx.threads, ctx.seed):
@@ -275,26 +275,29 @@ class _Hidden:
         return [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in values]
 
 
-def _hidden(original: Path, teacher: onnx.ModelProto, student: onnx.ModelProto, step: DistillStep,
-            threads: int) -> _Hidden | None:
-    if not step.hidden_states:
+def _blocks(model: onnx.ModelProto) -> list[Block] | None:
+    """The model's encoder blocks, or None when it is not a transformer whose blocks can be found."""
+    try:
+        return find_blocks(model)
+    except UnsupportedModel:
         return None
+
+
+def _hidden(teacher: onnx.ModelProto, student: onnx.ModelProto, student_blocks: list[Block] | None,
+            threads: int) -> _Hidden | None:
+    if not student_blocks:
+        return None  # not a transformer this can match block by block: outputs only
     structure = onnx.ModelProto()
     structure.CopyFrom(teacher)
     lift_constants(structure)  # as the student saw it after normalization: weights found behind Identity too
     resolve_identities(structure)
-    try:
-        teacher_ends = {b.end for b in find_blocks(structure)}
-        student_ends = [b.end for b in find_blocks(student)]
-    except UnsupportedModel:
-        return None  # not a transformer this can match block by block: outputs only
-    outputs = {v.name for v in student.graph.output}
-    names = [n for n in student_ends if n in teacher_ends and n not in outputs]
-    if not names:
+    teacher_blocks = _blocks(structure)
+    if teacher_blocks is None:
         return None
-    extended = graph.load(original)
-    extended.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return _Hidden(names, graph.session(extended.SerializeToString(), threads, quiet=True))
+    teacher_ends = {b.end for b in teacher_blocks}
+    outputs = {v.name for v in student.graph.output}
+    names = [b.end for b in student_blocks if b.end in teacher_ends and b.end not in outputs]
+    return _Hidden(names, session_exposing(teacher, names, threads)) if names else None
 
 
 def _split(count: int, seed: int) -> tuple[Tensor, Tensor]:

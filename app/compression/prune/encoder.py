@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from app.compression import graph
 from app.compression.config import PruneStep
@@ -40,6 +40,7 @@ from app.compression.prune.apply import keep_count, lift_constants
 from app.compression.prune.report import latency_notes, parameter_notes, size_notes
 from app.compression.prune.surgery import Surgery
 from app.compression.prune.transformer import Block, find_blocks, split_outputs
+from app.compression.scoring import compare, session_exposing
 
 IMPORTANCE_SAMPLES = 256
 MIN_SAMPLES = 8
@@ -60,13 +61,13 @@ class Plan:
 
 @dataclass
 class _Statistics:
-    """One pass of the original over the importance samples."""
+    """One pass of the original over the importance samples, per block."""
 
-    head_scores: list[np.ndarray] = field(default_factory=list)
-    neuron_scores: list[np.ndarray] = field(default_factory=list)
-    head_gram: list[np.ndarray] = field(default_factory=list)
-    """Per block: Gram matrix of the output projection's input (the merged heads), for the repair."""
-    neuron_gram: list[np.ndarray] = field(default_factory=list)
+    head_scores: list[np.ndarray]
+    neuron_scores: list[np.ndarray]
+    head_gram: list[np.ndarray]
+    """Gram matrix of the output projection's input (the merged heads), for the repair."""
+    neuron_gram: list[np.ndarray]
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:
@@ -255,16 +256,9 @@ def _refit(gram: np.ndarray, weight: np.ndarray, kept: np.ndarray) -> np.ndarray
 # ---- measurements ------------------------------------------------------------------------------------------------
 
 def _session(model: onnx.ModelProto, extra: list[str], threads: int) -> ort.InferenceSession:
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    present = {v.name for v in proto.graph.output}
-    proto.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in extra if n not in present)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(threads, 1)
-    options.log_severity_level = 3
-    if proto.ByteSize() > 2**31 - 2**20:
+    if model.ByteSize() > 2**31 - 2**20:
         raise UnsupportedModel("pruning transformers over 2 GB is not supported yet")
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session_exposing(model, extra, threads)
 
 
 def _run(model: onnx.ModelProto, data: ModelData, threads: int) -> list[np.ndarray]:
@@ -302,11 +296,14 @@ def _statistics(model: onnx.ModelProto, blocks: list[Block], data: ModelData, th
             names.append(_down_input(model, block))
     session = _session(model, names, threads)
     tensors = {t.name: t for t in model.graph.initializer}
-    stats = _Statistics()
+    outs = [numpy_helper.to_array(tensors[b.attention.out.weight]).astype(np.float64) for b in blocks]
+    downs = [numpy_helper.to_array(tensors[b.ffn.down.weight]).astype(np.float64) if b.ffn is not None else None
+             for b in blocks]
+    down_norms = [np.linalg.norm(d, axis=1) if d is not None else None for d in downs]
     heads = [np.zeros(b.attention.heads) for b in blocks]
-    neurons: list[np.ndarray] = [np.zeros(0) for _ in blocks]
-    head_gram: list[np.ndarray] = [np.zeros(0) for _ in blocks]
-    neuron_gram: list[np.ndarray] = [np.zeros(0) for _ in blocks]
+    head_gram = [np.zeros((len(o), len(o))) for o in outs]
+    neurons = [np.zeros(len(d)) if d is not None else np.zeros(0) for d in downs]
+    neuron_gram = [np.zeros((len(d), len(d))) if d is not None else np.zeros(0) for d in downs]
     weight_total = 0.0
     for feeds in data.batches(_BATCH):
         values = dict(zip(names, session.run(names, feeds), strict=True))
@@ -315,27 +312,20 @@ def _statistics(model: onnx.ModelProto, blocks: list[Block], data: ModelData, th
         root = np.sqrt(mask.reshape(-1, 1))
         weight_total += float(mask.sum())
         for index, block in enumerate(blocks):
-            attention = block.attention
-            context = values[attention.context].astype(np.float64)
+            context = values[block.attention.context].astype(np.float64)
             batch, count, sequence, dim = context.shape
-            out = numpy_helper.to_array(tensors[attention.out.weight]).astype(np.float64)
-            per_head = np.einsum("bhsd,hde->bhse", context, out.reshape(count, dim, -1))
+            per_head = np.einsum("bhsd,hde->bhse", context, outs[index].reshape(count, dim, -1))
             heads[index] += np.einsum("bhs,bs->h", np.linalg.norm(per_head, axis=-1), mask)
             merged = context.transpose(0, 2, 1, 3).reshape(batch * sequence, count * dim) * root
-            head_gram[index] = merged.T @ merged + (head_gram[index] if head_gram[index].size else 0)
+            head_gram[index] += merged.T @ merged
             if block.ffn is not None:
                 hidden = values[_down_input(model, block)].astype(np.float64)
                 flat = hidden.reshape(-1, hidden.shape[-1]) * root
-                down = numpy_helper.to_array(tensors[block.ffn.down.weight]).astype(np.float64)
-                score = np.abs(flat).sum(0) * np.linalg.norm(down, axis=1)
-                neurons[index] = score + (neurons[index] if neurons[index].size else 0)
-                neuron_gram[index] = flat.T @ flat + (neuron_gram[index] if neuron_gram[index].size else 0)
+                neurons[index] += np.abs(flat).sum(0) * down_norms[index]
+                neuron_gram[index] += flat.T @ flat
     scale = 1.0 / max(weight_total, 1.0)
-    stats.head_scores = [h * scale for h in heads]
-    stats.neuron_scores = [n * scale for n in neurons]
-    stats.head_gram = [g * scale for g in head_gram]
-    stats.neuron_gram = [g * scale if g.size else g for g in neuron_gram]
-    return stats
+    return _Statistics(head_scores=[h * scale for h in heads], neuron_scores=[n * scale for n in neurons],
+                       head_gram=[g * scale for g in head_gram], neuron_gram=[g * scale for g in neuron_gram])
 
 
 def _down_input(model: onnx.ModelProto, block: Block) -> str:
@@ -361,12 +351,6 @@ def _block_costs(model: onnx.ModelProto, blocks: list[Block], data: ModelData,
 def _fidelity(reference: list[tuple[str, np.ndarray]], candidate: list[np.ndarray]) -> float:
     """Top-1 agreement on class scores, else mean cosine, over the first float output (as the report's)."""
     for (name, want), got in zip(reference, candidate, strict=True):
-        if want.dtype.kind != "f":
-            continue
-        if is_classifier(want, name):
-            return float(np.mean(want.argmax(-1) == got.argmax(-1)))
-        a = want.reshape(len(want), -1).astype(np.float64)
-        b = got.reshape(len(got), -1).astype(np.float64)
-        denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        return float(np.mean(np.sum(a * b, axis=1) / np.maximum(denominator, 1e-12)))
+        if want.dtype.kind == "f":
+            return compare(want.astype(np.float64), got.astype(np.float64), is_classifier(want, name)).score()[0]
     raise UnsupportedModel("the model has no float output to measure the pruning on")

@@ -101,6 +101,7 @@ def _requantized(model: onnx.ModelProto, weights: list[_Weight], before: onnx.Mo
     original = {t.name: t for t in before.graph.initializer}
     by_node = {w.node: w for w in weights}
     nodes: list[onnx.NodeProto] = []
+    integer_of: dict[str, str] = {}  # fake-quantized weight -> its int8 initializer
     changed = total = 0
     for node in model.graph.node:
         weight = by_node.get(node.name)
@@ -118,10 +119,11 @@ def _requantized(model: onnx.ModelProto, weights: list[_Weight], before: onnx.Mo
         before_values = numpy_helper.to_array(original[weight.quantized])
         changed, total = changed + int(np.count_nonzero(integers != before_values)), total + integers.size
         model.graph.initializer.append(numpy_helper.from_array(integers, weight.quantized))
-        for other in model.graph.node:  # the DequantizeLinear reads the integers again
-            for position, name in enumerate(other.input):
-                if name == node.output[0]:
-                    other.input[position] = weight.quantized
+        integer_of[node.output[0]] = weight.quantized
+    for node in nodes:  # each DequantizeLinear reads its integers again
+        for position, name in enumerate(node.input):
+            if name in integer_of:
+                node.input[position] = integer_of[name]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     shadows = {w.shadow for w in weights}
