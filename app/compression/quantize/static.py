@@ -27,6 +27,7 @@ from app.compression.quantize.calibrate import (
 )
 from app.compression.quantize.preprocess import preprocess
 from app.compression.quantize.qat import finetune
+from app.compression.quantize.smooth import smooth
 from app.compression.quantize.weights import nonfinite_constant_consumers, quantized_counts
 from app.compression.scoring import Fidelity, Reference
 
@@ -39,6 +40,8 @@ NO_INT8_KERNEL = {"LayerNormalization", "BatchNormalization", "InstanceNormaliza
 SENSITIVE_OPS = {"Softmax", "LayerNormalization", "SkipLayerNormalization", "Add", "Sub", "Mul", "Div", "Pow",
                  "Sqrt", "Erf", "Gelu", "FastGelu", "BiasGelu", "Exp", "Tanh", "Sigmoid", "Where", "ReduceMean",
                  "ReduceSum"}
+# SmoothQuant's default migration strength, the one `smoothing: "auto"` tries.
+_AUTO_ALPHA = 0.5
 # Share of the still-quantized nodes that the per-node pass returns to float, worst first.
 _PER_NODE_SHARE = 0.25
 
@@ -67,11 +70,10 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
     if not feeds:
         raise DataRequired("static quantization needs at least one calibration sample")
     auto_excluded, skip_tensors = _nonfinite_nodes(proto, op_types, feeds[0], ctx.workdir)
-    cache = calibrate(pre, op_types, step.calibration, feeds, skip_tensors, ctx.workdir / "ranges.json",
-                      ctx.workdir, lambda f: ctx.progress(0.1 + 0.3 * f, "calibrating"))
     reference = Reference(model, data, ctx.threads)
-    quantizer = _Quantizer(pre, op_types, step, cache, reference, ctx.workdir)
-    attempts = _ladder(quantizer, proto, auto_excluded, ctx)
+    setups = _Setups(pre, op_types, step, feeds, skip_tensors, reference, auto_excluded, ctx)
+    quantizer, first = setups.choose()
+    attempts = _ladder(quantizer, first, graph.load(quantizer.pre), auto_excluded, ctx)
     chosen = _choose(attempts)
     qat: dict[str, Any] | None = None
     if step.qat is not None:
@@ -84,8 +86,10 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
     notes.update({
         "activation_type": "uint8", "weight_type": "int8", "format": "QDQ", "per_channel": quantizer.per_channel,
         "activation_type_reason": "int8 activations run 2x slower than uint8 on this AVX2 CPU (no VNNI)",
-        "calibration": {"method": step.calibration, "samples": sum(len(next(iter(f.values()))) for f in feeds),
-                        "data": data.source, "tensors_skipped_non_finite": sorted(skip_tensors)},
+        "calibration": {"method": quantizer.method, "samples": sum(len(next(iter(f.values()))) for f in feeds),
+                        "data": data.source, "tensors_skipped_non_finite": sorted(skip_tensors),
+                        "candidates": setups.tried},
+        "smoothing": quantizer.smoothing,
         "op_types_quantized": op_types, "op_types_skipped": skipped_types,
         "attempts": [a.summary() for a in attempts], "chosen_attempt": chosen.name,
         "nodes_excluded": [{"node": n, "reason": r} for n, r in sorted(chosen.excluded.items())],
@@ -97,10 +101,61 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
     return notes
 
 
-def _ladder(quantizer: _Quantizer, proto: onnx.ModelProto, auto_excluded: dict[str, str],
+class _Setups:
+    """Calibration method and SmoothQuant chosen by measurement: each candidate quantizes everything once.
+
+    Every method the recipe allows is calibrated on the model as it is; then, with the most faithful method,
+    the model smoothed at alpha 0.5 (SmoothQuant's default) is tried, and kept only if it measures better.
+    """
+
+    def __init__(self, pre: Path, op_types: list[str], step: QuantizeStep, feeds: list[dict[str, np.ndarray]],
+                 skip_tensors: set[str], reference: Reference, auto_excluded: dict[str, str],
+                 ctx: StepContext) -> None:
+        self.pre, self.op_types, self.step, self.feeds = pre, op_types, step, feeds
+        self.skip, self.reference, self.excluded, self.ctx = skip_tensors, reference, auto_excluded, ctx
+        self.tried: list[dict[str, Any]] = []
+
+    def choose(self) -> tuple[_Quantizer, Attempt]:
+        methods = list(METHODS) if self.step.calibration == "auto" else [self.step.calibration]
+        fixed_alpha = self.step.smoothing if isinstance(self.step.smoothing, float) else None
+        base = self._smoothed(fixed_alpha) if fixed_alpha is not None else (self.pre, None)
+        results = [self._try(*base, method) for method in methods]
+        best = max(results, key=lambda r: _score(r[1]))
+        if self.step.smoothing == "auto":
+            smoothed = self._smoothed(_AUTO_ALPHA)
+            if smoothed[1] is not None and smoothed[1]["layer_norms"]:
+                candidate = self._try(*smoothed, best[0].method)
+                if _score(candidate[1]) > _score(best[1]):
+                    best = candidate
+        return best
+
+    def _smoothed(self, alpha: float) -> tuple[Path, dict[str, Any] | None]:
+        proto = graph.load(self.pre)
+        notes = smooth(proto, self.feeds, alpha, self.ctx.threads)
+        return graph.save(proto, self.ctx.workdir / f"smoothed-{alpha}.onnx"), notes
+
+    def _try(self, model: Path, smoothing: dict[str, Any] | None, method: str) -> tuple[_Quantizer, Attempt]:
+        index = len(self.tried)
+        self.ctx.progress(0.05 + 0.5 * index / 4, f"calibrating ({method})")
+        cache = calibrate(model, self.op_types, method, self.feeds, self.skip,
+                          self.ctx.workdir / f"ranges-{index}.json", self.ctx.workdir, lambda f: None)
+        quantizer = _Quantizer(model, self.op_types, self.step, method, cache, self.reference, self.ctx.workdir,
+                               smoothing)
+        attempt = quantizer.attempt(f"all-{index}", self.excluded)
+        attempt.name = "all"
+        self.tried.append({"method": method, "smoothing_alpha": smoothing["alpha"] if smoothing else None,
+                           "fidelity": attempt.fidelity.as_dict() if attempt.fidelity else None})
+        return quantizer, attempt
+
+
+def _score(attempt: Attempt) -> tuple[float, float]:
+    return attempt.fidelity.score() if attempt.fidelity else (-1.0, -1.0)
+
+
+def _ladder(quantizer: _Quantizer, first: Attempt, proto: onnx.ModelProto, auto_excluded: dict[str, str],
             ctx: StepContext) -> list[Attempt]:
-    """Everything quantizable; below target, sensitive op types in float; then the worst nodes in float."""
-    attempts = [quantizer.attempt("all", auto_excluded)]
+    """Everything quantizable (already made); below target, sensitive op types in float; then the worst nodes."""
+    attempts = [first]
     ctx.progress(0.6, "measuring fidelity")
     if not _good(attempts[-1]):
         sensitive = {**_sensitive_nodes(proto, quantizer.op_types), **auto_excluded}
@@ -116,17 +171,17 @@ def _ladder(quantizer: _Quantizer, proto: onnx.ModelProto, auto_excluded: dict[s
 
 
 class _Quantizer:
-    def __init__(self, pre: Path, op_types: list[str], step: QuantizeStep, cache: Path, reference: Reference,
-                 workdir: Path) -> None:
-        self.pre, self.op_types, self.step, self.cache = pre, op_types, step, cache
-        self.reference, self.workdir = reference, workdir
+    def __init__(self, pre: Path, op_types: list[str], step: QuantizeStep, method: str, cache: Path,
+                 reference: Reference, workdir: Path, smoothing: dict[str, Any] | None) -> None:
+        self.pre, self.op_types, self.step, self.method, self.cache = pre, op_types, step, method, cache
+        self.reference, self.workdir, self.smoothing = reference, workdir, smoothing
         self.per_channel = step.per_channel is not False  # per-channel weights unless the recipe says otherwise
 
     def attempt(self, name: str, excluded: dict[str, str]) -> Attempt:
         path = self.workdir / f"static-{name.replace(' ', '-')}.onnx"
         quantize_static(
             str(self.pre), str(path), calibration_data_reader=None, calibration_cache_path=str(self.cache),
-            calibrate_method=METHODS[self.step.calibration], quant_format=QuantFormat.QDQ,
+            calibrate_method=METHODS[self.method], quant_format=QuantFormat.QDQ,
             op_types_to_quantize=self.op_types, nodes_to_exclude=sorted(excluded), per_channel=self.per_channel,
             reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             # transformer-optimized graphs have contrib-op outputs shape inference cannot type

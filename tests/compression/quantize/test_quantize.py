@@ -118,8 +118,15 @@ def test_static_cnn_keeps_the_held_out_predictions(tmp_path: Path, make_ctx: Mak
     agreement = np.mean(_outputs(CNN, held_out).argmax(1) == _outputs(output, held_out).argmax(1))
     assert agreement >= 0.97
     assert _size_ratio(CNN, output) < 0.45
-    assert notes["calibration"] == {"method": "percentile", "samples": 256, "data": "dataset",
-                                    "tensors_skipped_non_finite": []}
+    calibration = notes["calibration"]
+    assert {k: calibration[k] for k in ("samples", "data", "tensors_skipped_non_finite")} == {
+        "samples": 256, "data": "dataset", "tensors_skipped_non_finite": []}
+    # Each method measured (no LayerNorm: nothing to smooth); the most faithful one kept.
+    tried = calibration["candidates"]
+    assert [(c["method"], c["smoothing_alpha"]) for c in tried] == [
+        ("minmax", None), ("entropy", None), ("percentile", None)]
+    best = max(tried, key=lambda c: (c["fidelity"]["agreement"], c["fidelity"]["cosine_mean"]))
+    assert calibration["method"] == best["method"] and notes["smoothing"] is None
     assert notes["per_channel"] is True and notes["activation_type"] == "uint8"
     assert notes["chosen_attempt"] == "all" and notes["fidelity_target"]["met"] is True
 
@@ -186,6 +193,21 @@ def test_int4_packs_transformer_matmuls(tmp_path: Path, make_ctx: MakeCtx, trans
     assert len(nbits) == notes["quantized_nodes"] == 9 and notes["gemm_rewritten_to_matmul"] == 1
     assert {a.name: a.i for a in nbits[0].attribute}["block_size"] == 32
     assert _cosine(_outputs(TRANSFORMER, transformer_data), _outputs(output, transformer_data)) > 0.99
+    # Both compute levels measured; the one written is the one chosen, on every MatMulNBits.
+    measured = {m["accuracy_level"]: m for m in notes["accuracy_levels_measured"]}
+    assert set(measured) == {1, 4} and notes["accuracy_level_reason"] == "measured"
+    assert all(m["latency_ms"] > 0 and m["fidelity"]["cosine_mean"] > 0.98 for m in measured.values())
+    written = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in nbits}
+    assert written == {notes["accuracy_level"]} and notes["fidelity"] == measured[notes["accuracy_level"]]["fidelity"]
+
+
+def test_int4_writes_a_given_accuracy_level(tmp_path: Path, make_ctx: MakeCtx, transformer_data: ModelData) -> None:
+    output, notes = _quantize(TRANSFORMER, tmp_path, make_ctx(TRANSFORMER, transformer_data), mode="int4",
+                              accuracy_level=4)
+
+    levels = {a.i for n in graph.load(output).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and notes["accuracy_level_reason"] == "given" and "accuracy_levels_measured" not in notes
 
 
 def test_int4_packs_the_linear_layers_a_cnn_exports_as_gemm(
