@@ -215,6 +215,46 @@ def _repair_row(model: str, folder: str, cut: dict[str, Any], output: str) -> st
             f"{result.report['fidelity']['cosine_mean']:.4f} |")
 
 
+def _step_notes(result: dict[str, Any] | None, mode: str) -> dict[str, Any] | None:
+    for step in (result or {}).get("steps") or []:
+        if step["step"].get("op") == "quantize" and step["step"].get("mode") == mode:
+            return dict(step["notes"])
+    return None
+
+
+def _static_choices(results: dict[str, dict[str, Any]]) -> list[str]:
+    """What `int8-static` measured before it chose: each calibration method, then SmoothQuant with the best."""
+    notes = _step_notes(results.get("int8-static"), "static")
+    if notes is None:
+        return []
+    lines = ["", "`int8-static`'s choices, each quantizing every op once (cosine on the step's calibration samples):",
+             "", "| calibration | SmoothQuant α | cosine mean | cosine min |", "|---|---:|---:|---:|"]
+    for candidate in notes["calibration"]["candidates"]:
+        fidelity = candidate["fidelity"] or {}
+        alpha = candidate["smoothing_alpha"] if candidate["smoothing_alpha"] is not None else "–"
+        lines.append(f"| {candidate['method']} | {alpha} | {fidelity.get('cosine_mean', 0):.4f} | "
+                     f"{fidelity.get('cosine_min', 0):.4f} |")
+    smoothing = notes["smoothing"]
+    kept = (f"SmoothQuant kept ({smoothing['layer_norms']} LayerNorms, {smoothing['matmuls_smoothed']} MatMuls, "
+            f"largest outlier ratio {smoothing['outlier_ratio_max']})" if smoothing else "SmoothQuant not kept")
+    attempts = ", ".join(f"{a['attempt']} {a['fidelity']['cosine_mean']:.4f}" for a in notes["attempts"])
+    lines += ["", f"Chosen: {notes['calibration']['method']}, {kept}; then the ladder: {attempts}; kept "
+              f"`{notes['chosen_attempt']}`."]
+    return lines
+
+
+def _int4_levels(results: dict[str, dict[str, Any]]) -> list[str]:
+    notes = _step_notes(results.get("int4-weight"), "int4")
+    if notes is None or "accuracy_levels_measured" not in notes:
+        return []
+    lines = ["", "`int4-weight`'s MatMulNBits accuracy levels (batch 8 of the step's samples):", "",
+             "| accuracy_level | latency ms | cosine mean |", "|---:|---:|---:|"]
+    for level in notes["accuracy_levels_measured"]:
+        lines.append(f"| {level['accuracy_level']} | {level['latency_ms']:.2f} | "
+                     f"{level['fidelity']['cosine_mean']:.4f} |")
+    return [*lines, "", f"Kept: level {notes['accuracy_level']}."]
+
+
 def bench_encoder(folder: Path, names: list[str] | None, workdir: Path) -> list[str]:
     model = folder / "sentence_encoder.onnx"
     built = __import__("json").loads((folder / "build.json").read_text())
@@ -237,15 +277,18 @@ def bench_encoder(folder: Path, names: list[str] | None, workdir: Path) -> list[
         for label, path in tool_defaults(model, train, workdir).items():
             lines.append(encoder_row(label, {"report": measure(model, path, held_out, budget=cosine, batch_n=8)}))
             print(lines[-1], file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
     for name in names or list(ENCODER_RECIPES):
         spec = ENCODER_RECIPES[name]
         label = f"`{name}`" if isinstance(spec, str) else f"`{name}` {spec['steps']}"
         try:
-            result = _isolated(_one_recipe, str(model), str(folder), spec, str(workdir / f"encoder-{name}.onnx"))
-            lines.append(encoder_row(label, result))
+            results[name] = _isolated(_one_recipe, str(model), str(folder), spec,
+                                      str(workdir / f"encoder-{name}.onnx"))
+            lines.append(encoder_row(label, results[name]))
         except CompressionError as exc:
             lines.append(encoder_row(label, None, f"{type(exc).__name__}: {exc}"))
         print(lines[-1], file=sys.stderr)
+    lines += _static_choices(results) + _int4_levels(results)
     if names is None:
         lines += ["", "Least-squares repair of the shrunken projections, one cut alone and no training (cosine on "
                   "the step's own check samples, then on the held-out set):", "",
