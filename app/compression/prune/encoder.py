@@ -6,7 +6,9 @@ Importance is activation-based, measured with onnxruntime on the step's training
 - an FFN neuron's is the mean |activation| over real tokens times the L2 norm of its row of the down-projection;
 - a block's is what dropping it alone costs: 1 - the output fidelity (cosine, or top-1 agreement) without it.
 Heads and neurons are ranked within each block (every block keeps the same share, at least one); blocks are
-dropped least important first.
+dropped least important first. Packed QKV and fused attention are pruned by rewriting the exporter's own shape
+arithmetic, so before anything is ranked the rewrite is checked on two samples: the graph without every other head
+must compute what the original computes with those heads' output rows zeroed, or the model is refused.
 
 After the cut, each shrunken output projection is repaired by least squares (Kwon et al., "A Fast Post-Training
 Pruning Framework for Transformers", 2022): the kept rows are refit so that, on the same samples, the projection
@@ -37,9 +39,11 @@ from app.compression.data import ModelData
 from app.compression.errors import DataRequired, InvalidRecipe, UnsupportedModel
 from app.compression.evaluate import is_classifier
 from app.compression.prune.apply import keep_count, lift_constants
+from app.compression.prune.graphview import Projection
+from app.compression.prune.layout import heads_first
 from app.compression.prune.report import latency_notes, parameter_notes, size_notes
 from app.compression.prune.surgery import Surgery
-from app.compression.prune.transformer import Block, find_blocks, split_outputs
+from app.compression.prune.transformer import Attention, Block, find_blocks, split_outputs
 from app.compression.scoring import compare, session_exposing
 
 IMPORTANCE_SAMPLES = 256
@@ -47,6 +51,7 @@ MIN_SAMPLES = 8
 VALIDATION_SAMPLES = 64
 _BATCH = 16
 _RIDGE = 1e-4  # relative to the Gram matrix's mean diagonal: keeps the repair well-posed on few tokens
+_EXACT = 1e-4  # the packed rewrite's check: float reordering only, relative to the output's largest magnitude
 
 
 @dataclass
@@ -96,6 +101,8 @@ def run_encoder(model: Path, output: Path, step: PruneStep, ctx: StepContext) ->
     shapes = _split_shapes(proto, rank_data, ctx.threads)
     blocks = find_blocks(proto, shapes)
     plans = _plans(step, blocks, proto)
+    if any(p.heads for p in plans):
+        _check_packed(proto, blocks, rank_data, ctx.threads)
     ctx.progress(0.1, "measuring head and neuron importance")
     stats = _statistics(proto, blocks, rank_data, ctx.threads)
     reference = _reference(proto, check_data, ctx.threads)
@@ -184,7 +191,8 @@ def _block_widths(model: onnx.ModelProto, block: Block) -> tuple[int, int]:
     """(attention parameters, FFN parameters) of one block."""
     sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
     attention = block.attention
-    projections = [attention.query, attention.key, attention.value, attention.out]
+    # packed QKV is one projection standing for all three
+    projections = list({p.weight: p for p in (attention.query, attention.key, attention.value, attention.out)}.values())
     ffn = [block.ffn.up, block.ffn.down] if block.ffn is not None else []
 
     def total(items: list[Any]) -> int:
@@ -212,9 +220,9 @@ def _apply(model: onnx.ModelProto, blocks: list[Block], stats: _Statistics, bloc
             surgery.keep_heads(block.attention, heads.tolist())
             if repair:
                 columns = _head_columns(heads, block.attention.head_dim)
-                surgery.set_weight(block.attention.out.matmul,
-                                   _refit(stats.head_gram[index], original(block.attention.out.weight),
-                                          columns))
+                out = block.attention.out
+                refit = _refit(stats.head_gram[index], _in_out(original(out.weight), out), columns)
+                surgery.set_weight(out.matmul, _in_out(refit, out))
         kept_heads.append(len(heads))
         if block.ffn is not None and plan.ffn:
             width = len(stats.neuron_scores[index])
@@ -238,6 +246,11 @@ def _apply(model: onnx.ModelProto, blocks: list[Block], stats: _Statistics, bloc
                "blocks_dropped": dropped,
                "block_costs": [round(float(c), 6) for c in block_cost] if block_cost is not None else None}
     return result, details
+
+
+def _in_out(weight: np.ndarray, projection: Projection) -> np.ndarray:
+    """[in, out] from a projection's stored weight, and back (a Gemm with transB keeps it [out, in])."""
+    return weight.T if projection.transposed else weight
 
 
 def _head_columns(heads: np.ndarray, head_dim: int) -> np.ndarray:
@@ -275,6 +288,7 @@ def _split_shapes(model: onnx.ModelProto, data: ModelData, threads: int) -> dict
     names = split_outputs(model)
     if not names:
         find_blocks(model)  # raises the reason attention was not found
+        return {}  # fused attention without a bias: its attributes say it all
     session = _session(model, names, threads)
     values = session.run(names, next(data.take(2).batches(2)))
     return {name: tuple(v.shape) for name, v in zip(names, values, strict=True)}
@@ -296,7 +310,8 @@ def _statistics(model: onnx.ModelProto, blocks: list[Block], data: ModelData, th
             names.append(_down_input(model, block))
     session = _session(model, names, threads)
     tensors = {t.name: t for t in model.graph.initializer}
-    outs = [numpy_helper.to_array(tensors[b.attention.out.weight]).astype(np.float64) for b in blocks]
+    outs = [_in_out(numpy_helper.to_array(tensors[b.attention.out.weight]), b.attention.out).astype(np.float64)
+            for b in blocks]
     downs = [numpy_helper.to_array(tensors[b.ffn.down.weight]).astype(np.float64) if b.ffn is not None else None
              for b in blocks]
     down_norms = [np.linalg.norm(d, axis=1) if d is not None else None for d in downs]
@@ -307,12 +322,13 @@ def _statistics(model: onnx.ModelProto, blocks: list[Block], data: ModelData, th
     weight_total = 0.0
     for feeds in data.batches(_BATCH):
         values = dict(zip(names, session.run(names, feeds), strict=True))
-        first = values[blocks[0].attention.context]  # [batch, heads, sequence, head_dim]
+        contexts = [_context(values[b.attention.context], b.attention) for b in blocks]
+        first = contexts[0]  # [batch, heads, sequence, head_dim]
         mask = _token_weights(feeds, (first.shape[0], first.shape[2]))
         root = np.sqrt(mask.reshape(-1, 1))
         weight_total += float(mask.sum())
         for index, block in enumerate(blocks):
-            context = values[block.attention.context].astype(np.float64)
+            context = contexts[index].astype(np.float64)
             batch, count, sequence, dim = context.shape
             per_head = np.einsum("bhsd,hde->bhse", context, outs[index].reshape(count, dim, -1))
             heads[index] += np.einsum("bhs,bs->h", np.linalg.norm(per_head, axis=-1), mask)
@@ -326,6 +342,51 @@ def _statistics(model: onnx.ModelProto, blocks: list[Block], data: ModelData, th
     scale = 1.0 / max(weight_total, 1.0)
     return _Statistics(head_scores=[h * scale for h in heads], neuron_scores=[n * scale for n in neurons],
                        head_gram=[g * scale for g in head_gram], neuron_gram=[g * scale for g in neuron_gram])
+
+
+def _context(value: np.ndarray, attention: Attention) -> np.ndarray:
+    """What each head adds before the output projection, as [batch, heads, sequence, head_dim]."""
+    if attention.packed is None:
+        return value
+    return heads_first(value, attention.packed.context, attention.packed.head, attention.packed.batch)
+
+
+def _check_packed(model: onnx.ModelProto, blocks: list[Block], data: ModelData, threads: int) -> None:
+    """Without every other head, a packed or fused attention must compute what the original computes with those
+    heads' output-projection rows zeroed (the other sub-layers untouched); else the rewrite missed a head count."""
+    packed = [b for b in blocks if b.attention.packed is not None and b.attention.heads > 1]
+    if not packed:
+        return
+    pruned, silenced = onnx.ModelProto(), onnx.ModelProto()
+    pruned.CopyFrom(model)
+    silenced.CopyFrom(model)
+    surgery = Surgery(pruned)
+    weights = {t.name: t for t in silenced.graph.initializer}
+    for block in packed:
+        attention = block.attention
+        kept = list(range(0, attention.heads, 2))
+        surgery.keep_heads(attention, kept)
+        dropped = _head_columns(np.setdiff1d(np.arange(attention.heads), kept), attention.head_dim)
+        weight = _in_out(numpy_helper.to_array(weights[attention.out.weight]), attention.out).copy()
+        weight[dropped] = 0
+        weights[attention.out.weight].CopyFrom(numpy_helper.from_array(_in_out(weight, attention.out),
+                                                                       attention.out.weight))
+    sample = data.take(2)
+    want = _run(silenced, sample, threads)
+    label = ", ".join(f"block {b.index}" for b in packed)
+    try:
+        got = _run(surgery.finish(), sample, threads)
+    except Exception as exc:  # onnxruntime refusing a shape the rewrite left behind
+        raise UnsupportedModel(f"removing heads from the packed attention of {label} breaks the graph: "
+                               f"{str(exc)[:300]}") from exc
+    for expected, actual in zip(want, got, strict=True):
+        if expected.dtype.kind != "f":
+            continue
+        error = float(np.max(np.abs(expected.astype(np.float64) - actual))) if expected.shape == actual.shape \
+            else math.inf
+        if error > _EXACT * (1.0 + float(np.max(np.abs(expected)))):
+            raise UnsupportedModel(f"removing heads from the packed attention of {label} changes what the kept "
+                                   f"heads compute (max difference {error:.3g}): a head count was not found")
 
 
 def _down_input(model: onnx.ModelProto, block: Block) -> str:

@@ -6,36 +6,32 @@ optional bias `Add`, a `Reshape` into [batch, sequence, heads, head_dim] and `Tr
 and mask, `Softmax`, ·V, a `Transpose` and `Reshape` back, and the output projection. Blocks are found from the
 residual stream: the tensor the attention's residual `Add` reads (block start), that `Add` (with the LayerNorm
 after it in post-LN models), then the FFN's residual `Add` (and its LayerNorm): the block's end, which must be
-the next block's start. Anything else (fused `Attention`, packed QKV, cross-attention) is refused with a reason.
+the next block's start. Packed QKV (one projection cut into Q, K and V) and onnxruntime's fused `Attention` and
+`MultiHeadAttention` are found by `prune.packed`; its `SkipLayerNormalization` (residual Add + LayerNorm) ends a
+post-LN sub-layer like the pair it replaces. Anything else (cross-attention, key/value caches, per-head position
+biases) is refused with a reason.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from app.compression.errors import UnsupportedModel
+from app.compression.prune.graphview import Graph, Projection
+from app.compression.prune.graphview import projection as _projection
+from app.compression.prune.graphview import scalar as _scalar
+from app.compression.prune.packed import Found, Packed, fused_attention, packed_attention
 
+_FUSED_OPS = ("Attention", "MultiHeadAttention")
+_DECODER_OPS = ("PackedAttention", "PackedMultiHeadAttention", "GroupQueryAttention", "DecoderAttention",
+                "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention", "SparseAttention")
 # Ops a head-split projection's value may pass through between its Reshape and the attention MatMuls.
 _THROUGH = {"Transpose", "Cast", "Identity", "Dropout", "Where"}
 _SCALE = {"Mul", "Div"}
 _POSITION_WISE = {"Relu", "Gelu", "FastGelu", "Erf", "Tanh", "Sigmoid", "Mul", "Add", "Div", "Pow", "Sub", "Cast",
                   "Dropout", "Identity", "Softplus", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu"}
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A `MatMul` by a constant [in, out] weight, with the bias `Add` after it if there is one."""
-
-    matmul: int
-    weight: str
-    bias: str | None
-    output: str
-    """The projection's result: the bias Add's output, else the MatMul's."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +52,11 @@ class Attention:
     """Reshapes between softmax·V and the merge that keep [batch, heads, sequence, head_dim] as it is."""
     added: tuple[str, ...] = ()
     """What is added to the scores before the Softmax: masks (and, refused, per-head biases)."""
+    packed: Packed | None = None
+    """Packed QKV or a fused op: query, key and value are then one projection (or the op), and the head count is
+    carried where `packed.edits` say (splits and merge are unused)."""
+    branch: str = ""
+    """What the residual Add reads when it is not out.output (layout ops after the output projection)."""
 
 
 @dataclass(frozen=True)
@@ -75,40 +76,6 @@ class Block:
     ffn: Ffn | None
 
 
-class Graph:
-    """Producer and consumer indexes over one graph's nodes."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.nodes = list(model.graph.node)
-        self.constants = {t.name: t for t in model.graph.initializer}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        for index, node in enumerate(self.nodes):
-            for name in node.output:
-                self.producer[name] = index
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(index)
-        for node in self.nodes:  # a Constant node's value counts as a constant too
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-                self.constants[node.output[0]] = node.attribute[0].t
-
-    def node(self, name: str) -> onnx.NodeProto | None:
-        index = self.producer.get(name)
-        return self.nodes[index] if index is not None else None
-
-    def array(self, name: str) -> np.ndarray | None:
-        tensor = self.constants.get(name)
-        return numpy_helper.to_array(tensor) if tensor is not None else None
-
-    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
-        """The one node computing with `name`; `Shape` readers do not count (exporters' dynamic shape
-        arithmetic, which the surgery replaces by constants where it matters)."""
-        users = [i for i in self.consumers.get(name, []) if self.nodes[i].op_type != "Shape"]
-        return self.nodes[users[0]] if len(users) == 1 else None
-
-
 def find_blocks(model: onnx.ModelProto, split_shapes: dict[str, tuple[int, ...]] | None = None) -> list[Block]:
     """The encoder blocks in graph order; raises UnsupportedModel naming why attention cannot be identified.
 
@@ -116,22 +83,19 @@ def find_blocks(model: onnx.ModelProto, split_shapes: dict[str, tuple[int, ...]]
     heads, head_dim]); without it (at upload, where nothing runs) heads and head_dim are 0.
     """
     view = Graph(model)
-    fused = sorted({n.op_type for n in view.nodes if n.op_type in ("Attention", "MultiHeadAttention",
-                                                                    "PackedAttention", "GroupQueryAttention")})
-    if fused:
-        raise UnsupportedModel(f"the attention is fused into {', '.join(fused)} (onnxruntime's optimizer wrote it): "
-                               "prune heads, FFN neurons or layers before the 'optimize' step")
-    softmaxes = [i for i, n in enumerate(view.nodes) if n.op_type == "Softmax"]
-    if not softmaxes:
+    anchors = _anchors(view)
+    if not anchors:
         raise UnsupportedModel("no attention found: the graph has no Softmax, so it is not a transformer whose "
                                "heads or layers can be removed")
     blocks: list[Block] = []
     post_norm: bool | None = None  # post-LN (BERT) or pre-LN (ViT), decided by the first block
-    for position, softmax in enumerate(softmaxes):
-        attention = _attention(view, softmax, split_shapes)
+    for position, anchor in enumerate(anchors):
+        attention = _attention(view, anchor, split_shapes) if view.nodes[anchor].op_type == "Softmax" \
+            else _from_found(fused_attention(view, anchor, split_shapes))
+        branch = attention.branch or attention.out.output
         if post_norm is None:
-            post_norm = _normalized_after(view, attention.out.output)
-        start, middle = _residual(view, attention.out.output, f"attention {position}", post_norm)
+            post_norm = _normalized_after(view, branch)
+        start, middle = _residual(view, branch, f"attention {position}", post_norm)
         ffn = _ffn(view, _normalized_input(view, middle), middle)
         if ffn is None:
             end = middle
@@ -145,15 +109,34 @@ def find_blocks(model: onnx.ModelProto, split_shapes: dict[str, tuple[int, ...]]
     return blocks
 
 
+def _anchors(view: Graph) -> list[int]:
+    """Where each attention is: its Softmax, or onnxruntime's fused op (its decoder kernels are refused)."""
+    refused = sorted({n.op_type for n in view.nodes if n.op_type in _DECODER_OPS})
+    if refused:
+        raise UnsupportedModel(f"the attention is fused into {', '.join(refused)} (onnxruntime's kernels for "
+                               "decoders and packed batches): prune heads, FFN neurons or layers before the "
+                               "'optimize' step")
+    return [i for i, n in enumerate(view.nodes) if n.op_type == "Softmax"
+            or (n.op_type in _FUSED_OPS and n.domain == "com.microsoft")]
+
+
+def _from_found(found: Found) -> Attention:
+    query, key, value = found.qkv
+    return Attention(query, key, value, found.out, (), -1, found.context, found.heads, found.head_dim,
+                     packed=found.packed, branch=found.branch)
+
+
 def split_outputs(model: onnx.ModelProto) -> list[str]:
     """The head-split Reshapes' outputs, whose run-time shapes `find_blocks` needs (found without them)."""
     view = Graph(model)
-    names = []
-    for softmax in (i for i, n in enumerate(view.nodes) if n.op_type == "Softmax"):
+    names: list[str] = []
+    for anchor in _anchors(view):
         try:
-            attention = _attention(view, softmax, None)
+            attention = _attention(view, anchor, None) if view.nodes[anchor].op_type == "Softmax" \
+                else _from_found(fused_attention(view, anchor, None))
         except UnsupportedModel:
             continue
+        names += attention.packed.probes if attention.packed is not None else []
         names += [view.nodes[i].output[0] for i in attention.splits]
         names += [name for i in attention.inner for name in (view.nodes[i].input[0], view.nodes[i].output[0])]
         names += attention.added
@@ -170,9 +153,15 @@ def _attention(view: Graph, softmax: int, split_shapes: dict[str, tuple[int, ...
         raise UnsupportedModel(f"attention at '{label}': its Softmax does not feed one ·V MatMul")
     product, weights_side = probabilities
     value_side = product.input[1 - weights_side]
-    query, query_split = _head_projection(view, scores.input[0], label, "query")
-    key, key_split = _head_projection(view, scores.input[1], label, "key")
-    value, value_split = _head_projection(view, value_side, label, "value")
+    try:
+        query, query_split = _head_projection(view, scores.input[0], label, "query")
+        key, key_split = _head_projection(view, scores.input[1], label, "key")
+        value, value_split = _head_projection(view, value_side, label, "value")
+    except UnsupportedModel:  # Q, K and V cut out of one packed projection?
+        found = packed_attention(view, label, scores, product, weights_side, split_shapes)
+        if found is None:
+            raise
+        return _from_found(found)
     out, merge, inner = _merge(view, product.output[0], label)
     width = {_width(view, p.weight) for p in (query, key, value)}
     if len(width) != 1 or _rows(view, out.weight) not in width:
@@ -272,7 +261,7 @@ def _head_projection(view: Graph, name: str, label: str, role: str) -> tuple[Pro
             projection = _projection(view, node.input[0])
             if projection is None:
                 raise UnsupportedModel(f"attention at '{label}': the {role} is not a MatMul by a constant weight "
-                                       "(packed QKV or a computed weight is not pruned)")
+                                       "(a weight computed in the graph is not pruned)")
             if view.sole_consumer(projection.output) is None:
                 raise UnsupportedModel(f"attention at '{label}': the {role} projection is read elsewhere too")
             return projection, view.producer[node.output[0]]
@@ -302,45 +291,38 @@ def _merge(view: Graph, name: str, label: str) -> tuple[Projection, int, tuple[i
                            "projection MatMul")
 
 
-def _projection(view: Graph, name: str, from_matmul: bool = False) -> Projection | None:
-    """The projection whose result is `name` (a bias Add's output or the MatMul's), or whose MatMul writes it."""
-    node = view.node(name)
-    bias = None
-    if node is not None and node.op_type == "Add" and not from_matmul:
-        constant = [i for i in node.input if i in view.constants]
-        moving = [i for i in node.input if i not in view.constants]
-        if len(constant) != 1 or len(moving) != 1:
-            return None
-        bias, node = constant[0], view.node(moving[0])
-    if node is None or node.op_type != "MatMul" or node.input[1] not in view.constants \
-            or len(view.constants[node.input[1]].dims) != 2:
-        return None
-    output = name if bias is not None else node.output[0]
-    if from_matmul:  # a bias Add right after the MatMul belongs to the projection
-        after = view.sole_consumer(output)
-        constant = [i for i in after.input if i in view.constants] if after is not None else []
-        if after is not None and after.op_type == "Add" and len(constant) == 1 \
-                and len(view.constants[constant[0]].dims) == 1:
-            bias, output = constant[0], after.output[0]
-    if bias is not None and list(view.constants[bias].dims) != [view.constants[node.input[1]].dims[1]]:
-        return None
-    return Projection(view.producer[node.output[0]], node.input[1], bias, output)
-
-
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")
+# onnxruntime's fusion of the residual Add and the LayerNorm after it: (input, skip, gamma, beta, bias)
+_SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
 def _normalized_after(view: Graph, branch: str) -> bool:
     """Post-LN: the residual Add's sum is read by a LayerNorm alone (pre-LN reads it twice: norm and residual)."""
     add = view.sole_consumer(branch)
+    if add is not None and add.op_type in _SKIP_NORMS:
+        return True
     after = view.sole_consumer(add.output[0]) if add is not None else None
     return after is not None and after.op_type in _NORMS
+
+
+def _skip_norm(view: Graph, branch: str, what: str) -> tuple[str, str] | None:
+    """(the stream, the normalized sum) of a SkipLayerNormalization adding `branch` back, when it is one."""
+    node = view.sole_consumer(branch)
+    if node is None or node.op_type not in _SKIP_NORMS or branch not in node.input[:2]:
+        return None
+    if len(node.output) > 3 and node.output[3] and view.consumers.get(node.output[3]):
+        raise UnsupportedModel(f"{what}: a pre-LN block fused into SkipLayerNormalization '{node.name}' is not "
+                               "pruned")
+    return str(node.input[1] if node.input[0] == branch else node.input[0]), str(node.output[0])
 
 
 def _residual(view: Graph, branch: str, what: str, post_norm: bool) -> tuple[str, str]:
     """(the stream the branch is added to, the stream after the Add, and after its LayerNorm when post-LN).
 
     Pre-LN models end in a final LayerNorm after the last block: it is not the block's, so it stays."""
+    fused = _skip_norm(view, branch, what)
+    if fused is not None:
+        return fused
     add = view.sole_consumer(branch)
     if add is None or add.op_type != "Add" or len(add.input) != 2:
         raise UnsupportedModel(f"{what}: its output is not added to a residual stream")
@@ -399,15 +381,13 @@ def _down(view: Graph, name: str) -> Projection | None:
 
 
 def _residual_target(view: Graph, branch: str) -> str | None:
+    fused = _skip_norm(view, branch, "FFN")
+    if fused is not None:
+        return fused[0]
     add = view.sole_consumer(branch)
     if add is None or add.op_type != "Add":
         return None
     return str(add.input[1] if add.input[0] == branch else add.input[0])
-
-
-def _scalar(view: Graph, name: str) -> bool:
-    array = view.array(name)
-    return array is not None and array.size == 1
 
 
 def _width(view: Graph, weight: str) -> int:
