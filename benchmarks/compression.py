@@ -146,6 +146,8 @@ def bench_auto(name: str, model: Path, split: tuple[ModelData, ModelData], budge
 ENCODER_RECIPES: dict[str, dict[str, Any] | str] = {
     "int8-dynamic": "int8-dynamic",
     "int8-static": "int8-static",
+    # Static QDQ on the fused graph, as int8-dynamic quantizes it.
+    "optimize+int8-static": {"steps": [{"op": "optimize", "level": "auto"}, {"op": "quantize", "mode": "static"}]},
     "fp16": "fp16",
     "int4-weight": "int4-weight",
     "int8-static-matmul": {"steps": [{"op": "quantize", "mode": "static", "op_types": ["MatMul"]}]},
@@ -306,13 +308,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="sequence length for the transformer")
     parser.add_argument("--encoder", type=Path, help="models/build_encoder.py's output folder: benchmark it alone")
     parser.add_argument("--only", nargs="*", help="with --encoder: these recipes only (no onnxruntime rows)")
+    parser.add_argument("--section", help="with --encoder: the docs section to write (default encoder-<folder>)")
     args = parser.parse_args()
     if args.encoder:
         with tempfile.TemporaryDirectory() as tmp:
             report = "\n".join(bench_encoder(args.encoder, args.only, Path(tmp)))
         print(report)
         if args.write:
-            write_section(args.write, f"encoder-{args.encoder.name}", report)
+            write_section(args.write, args.section or f"encoder-{args.encoder.name}", report)
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
