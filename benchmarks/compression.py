@@ -35,6 +35,7 @@ from app.compression import (  # noqa: E402
 )
 from app.compression.data import from_npz  # noqa: E402
 from app.compression.graph import io_info  # noqa: E402
+from app.compression.scoring import latency  # noqa: E402
 from benchmarks.docs_section import write_section  # noqa: E402
 
 MODELS = REPO / "models"
@@ -245,6 +246,24 @@ def _static_choices(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _static_against_dynamic(model: Path, workdir: Path, held_out: ModelData,
+                            results: dict[str, dict[str, Any]]) -> list[str]:
+    """The two INT8 variants timed side by side, alternating call by call, in three rounds: one row per recipe
+    above comes from its own process, and a difference of a few percent is within those rows' noise."""
+    if "int8-dynamic" not in results or "int8-static" not in results:
+        return []
+    paths = [model, workdir / "encoder-int8-dynamic.onnx", workdir / "encoder-int8-static.onnx"]
+    lines = ["", "The INT8 variants timed together (original, dynamic, static alternating call by call, one thread; "
+             "three rounds):", "", "| batch | round | dynamic × | static × |", "|---:|---:|---:|---:|"]
+    for batch, runs in ((8, 30), (1, 100)):
+        feeds = next(held_out.batches(batch))
+        for round_index in range(3):
+            original, dynamic, static = latency(paths, feeds, 1, runs=runs, max_seconds=30)
+            lines.append(f"| {batch} | {round_index + 1} | {dynamic['p50'] / original['p50']:.3f} | "
+                         f"{static['p50'] / original['p50']:.3f} |")
+    return lines
+
+
 def _int4_levels(results: dict[str, dict[str, Any]]) -> list[str]:
     notes = _step_notes(results.get("int4-weight"), "int4")
     if notes is None or "accuracy_levels_measured" not in notes:
@@ -290,7 +309,8 @@ def bench_encoder(folder: Path, names: list[str] | None, workdir: Path) -> list[
         except CompressionError as exc:
             lines.append(encoder_row(label, None, f"{type(exc).__name__}: {exc}"))
         print(lines[-1], file=sys.stderr)
-    lines += _static_choices(results) + _int4_levels(results)
+    lines += _static_choices(results) + _static_against_dynamic(model, workdir, held_out, results)
+    lines += _int4_levels(results)
     if names is None:
         lines += ["", "Least-squares repair of the shrunken projections, one cut alone and no training (cosine on "
                   "the step's own check samples, then on the held-out set):", "",
