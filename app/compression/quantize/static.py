@@ -332,4 +332,4 @@ def _choose(attempts: list[Attempt]) -> Attempt:
     good = [a for a in attempts if _good(a)]
     if good:
         return good[0]
-    return max(attempts, key=lambda a: a.fidelity.score() if a.fidelity else (-1.0, -1.0))
+    return max(attempts, key=_score)
