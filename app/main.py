@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import multiprocess
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api import dashboard, health, jobs, models, openai, predict, v2
+from app.api import dashboard, generation, health, jobs, models, openai, predict, v2
 from app.api.deps import Authenticator, Services
 from app.api.errors import install_error_handlers
 from app.api.fastpath import FastPath
@@ -26,6 +26,7 @@ from app.runtime.codecs import Limits
 from app.runtime.sessions import SessionCache, SessionConfig
 from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog
+from app.services.generation import GenerationService
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
 from app.services.latency import SNAPSHOT_SECONDS, LatencyWindow
@@ -68,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastPath:
         model_service = ModelService(
             session_factory=session_factory, store=store, catalog=catalog, providers=settings.execution_providers,
             enqueue=queue.enqueue, limits=UploadLimits(max_unpacked_bytes=settings.max_unpacked_bytes,
-                                                       max_archive_members=settings.max_archive_members),
+                                                       max_archive_members=settings.max_archive_members,
+                                                       max_context_tokens=settings.max_context_tokens),
         )
         capture = TrafficCapture(session_factory=session_factory, store=store, catalog=catalog,
                                  flush_seconds=settings.capture_flush_seconds)
@@ -79,10 +81,14 @@ def create_app(settings: Settings | None = None) -> FastPath:
             max_queue=settings.max_queue,
             limits=Limits(max_batch_size=settings.max_batch_size, max_tensor_elements=settings.max_tensor_elements),
         )
+        generation_service = GenerationService(
+            catalog=catalog, store=store, metrics=metrics, max_generations=settings.max_generations,
+            threads=settings.generation_threads, shadows=shadows)
         latency = LatencyWindow(metrics)
         latency_snapshots = Periodic("latency snapshots", SNAPSHOT_SECONDS, latency.snapshot, final_run=False)
         app.state.services = Services(
-            settings=settings, models=model_service, inference=inference, store=store, metrics=metrics,
+            settings=settings, models=model_service, inference=inference, generation=generation_service, store=store,
+            metrics=metrics,
             auth=Authenticator(settings.api_keys), latency=latency,
             jobs=JobService(session_factory=session_factory, enqueue=queue.enqueue), capture=capture,
             routing=RoutingService(session_factory=session_factory, catalog=catalog),
@@ -124,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
     app.include_router(v2.router)
     app.include_router(predict.router)
     app.include_router(openai.router)
+    app.include_router(generation.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(health.router)

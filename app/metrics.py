@@ -22,6 +22,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 # Finished jobs by state, and durations of succeeded jobs by recipe: read from the database at scrape time.
@@ -98,6 +99,25 @@ class Metrics:
             "Top-1 agreement (classifiers) or mean cosine of a shadow variant with the answering variant.",
             ["model", "variant"], registry=r, multiprocess_mode="mostrecent",
         )
+        self.time_to_first_token = Histogram(
+            "slimserve_time_to_first_token_seconds",
+            "From a generation request's arrival to its first generated token (the prompt's prefill included).",
+            ["model", "variant"], buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "slimserve_time_per_output_token_seconds", "Mean time per generated token after the first, per request.",
+            ["model", "variant"], buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.generated_tokens = Counter(
+            "slimserve_generated_tokens", "Tokens generated.", ["model", "variant"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "slimserve_prompt_tokens", "Prompt tokens of generation requests.", ["model", "variant"], registry=r,
+        )
+        self.active_generations = Gauge(
+            "slimserve_active_generations", "Generations running now.", ["model"], registry=r,
+            multiprocess_mode="livesum",
+        )
         self._ok_children: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._jobs: JobsCollector | None = None
         self._batch_children: dict[tuple[str, str], Any] = {}
@@ -129,6 +149,15 @@ class Metrics:
             child = self._batch_children[(model, variant)] = self.batch_size.labels(model, variant)
         child.observe(rows)
 
+    def observe_generation(self, *, model: str, variant: str, prompt_tokens: int, completion_tokens: int,
+                           first_token_s: float | None, decode_s: float) -> None:
+        self.prompt_tokens.labels(model, variant).inc(prompt_tokens)
+        self.generated_tokens.labels(model, variant).inc(completion_tokens)
+        if first_token_s is not None:
+            self.time_to_first_token.labels(model, variant).observe(first_token_s)
+        if completion_tokens > 1:
+            self.time_per_output_token.labels(model, variant).observe(decode_s / (completion_tokens - 1))
+
     def observe_failure(self, *, model: str, variant: str, protocol: str, code: int, total_s: float) -> None:
         self.request_duration.labels(model, variant, protocol).observe(total_s)
         self.requests.labels(model, variant, protocol, str(code)).inc()
@@ -137,7 +166,9 @@ class Metrics:
         self._ok_children = {k: v for k, v in self._ok_children.items() if k[0] != model}
         self._batch_children = {k: v for k, v in self._batch_children.items() if k[0] != model}
         for metric in (self.request_duration, self.inference_duration, self.queue_duration,
-                       self.requests, self.batch_size, self.model_size, self.shadow_agreement):
+                       self.requests, self.batch_size, self.model_size, self.shadow_agreement,
+                       self.time_to_first_token, self.time_per_output_token, self.generated_tokens,
+                       self.prompt_tokens, self.active_generations):
             for labels in list(_label_sets(metric)):
                 if labels and labels[0] == model:
                     metric.remove(*labels)

@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     """Address-space cap of each server process: an inference that would need more is refused (503), not killed."""
     max_queue: int = Field(default=256, gt=0)
     """Predictions waiting or running per model variant and process; beyond it requests get 429 at once."""
+    max_context_tokens: int = Field(default=131_072, ge=16)
+    """Longest context a generation model may claim at upload; a longer one is refused (422)."""
+    max_generations: int = Field(default=8, gt=0)
+    """Text generations running at once per model and process; beyond it requests get 429 with Retry-After."""
+    generation_threads: int = Field(default=0, ge=0)
+    """onnxruntime intra-op threads of each generation model (0: all cores); generations running at once share
+    them, without spinning."""
     inline_inference_max_ms: float = Field(default=0.2, ge=0)
     """Models whose typical inference is faster than this run on the event loop: a thread hop costs more."""
     execution_providers: Annotated[list[str], NoDecode] = Field(

@@ -4,6 +4,7 @@
   TorchScript and dynamo exporters (and BERT through onnxruntime's optimizer), built in a child process into
   var/exports-cache/<key>, where the key covers the script and the exporters' versions: a clean checkout builds
   them once (about 15 s), later runs reuse them.
+- `llm_folders()`: models/build_llms.py's small Llama and Qwen2 folders with a trained BPE tokenizer.
 - `TF2ONNX_CNN`: a Keras CNN written by tf2onnx (committed; TensorFlow may not live in this environment).
 - `paddle_models()`: PaddleOCR's detection, recognition and orientation models as Paddle2ONNX wrote them (weights in
   `Constant` nodes, opsets 11/12), from the rapidocr-onnxruntime wheel, found without importing it.
@@ -52,6 +53,16 @@ def hf_folders() -> Path:
     for package in ("torch", "transformers", "tokenizers", "safetensors"):
         digest.update(f"{package}={importlib.metadata.version(package)}".encode())
     return _built(builder, REPO / "var" / "hf-folders-cache" / digest.hexdigest()[:16])
+
+
+def llm_folders() -> Path:
+    """models/build_llms.py's small causal-LM folders (Llama, Qwen2, a Llama without chat template), cached."""
+    builder = MODELS / "build_llms.py"
+    digest = hashlib.sha256(builder.read_bytes())
+    for package in ("torch", "transformers", "tokenizers", "safetensors"):
+        digest.update(f"{package}={importlib.metadata.version(package)}".encode())
+    digest.update(sys.version.encode())  # the tokenizer is trained on this Python's standard library
+    return _built(builder, REPO / "var" / "llm-folders-cache" / digest.hexdigest()[:16])
 
 
 def _built(builder: Path, cache: Path) -> Path:

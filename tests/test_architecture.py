@@ -17,6 +17,7 @@ FORBIDDEN = {
     "app.services": ("fastapi", "starlette", "app.api", "app.main"),
     "app.storage": ("fastapi", "starlette", "app.api", "app.main", "app.services"),
     "app.runtime": ("fastapi", "starlette", "app.api", "app.main", "app.services", "app.storage"),
+    "app.generation": ("fastapi", "starlette", "app.api", "app.main", "app.services", "app.storage", "app.worker"),
     "app.formats": ("fastapi", "starlette", "app.api", "app.main", "app.services", "app.storage"),
     "app.errors": ("fastapi", "starlette"),
     "app.settings": ("fastapi", "starlette", "app.api", "app.main"),

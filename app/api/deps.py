@@ -15,6 +15,7 @@ from fastapi import Depends, Path, Request
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
 from app.services.capture import TrafficCapture
+from app.services.generation import GenerationService
 from app.services.inference import InferenceService
 from app.services.jobs import JobService
 from app.services.latency import LatencyWindow
@@ -72,6 +73,7 @@ class Services:
     settings: Settings
     models: ModelService
     inference: InferenceService
+    generation: GenerationService
     jobs: JobService
     capture: TrafficCapture
     routing: RoutingService

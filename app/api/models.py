@@ -51,11 +51,13 @@ _UPLOAD_DOC = {
                             "with its external data files. PyTorch files and Hugging Face folders are converted to "
                             "ONNX by a job: the model is 'converting' until it ends. Pickles (torch.save) are "
                             "refused.")},
-                        "task": {"type": "string", "enum": ["embeddings", "classification", "token-classification"],
+                        "task": {"type": "string", "enum": ["embeddings", "classification", "token-classification",
+                                                           "generation"],
                                  "example": "embeddings", "description": (
                             "Hugging Face folders only: what the model serves; inferred from the folder when "
                             "absent (sentence-transformers files or a base model: embeddings; *ForSequence"
-                            "Classification: classification; *ForTokenClassification: token-classification)")},
+                            "Classification: classification; *ForTokenClassification: token-classification; "
+                            "*ForCausalLM: generation)")},
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$",
                                  "description": "The name it is served under", "example": "mymodel"},
                         "samples": {"type": "string", "format": "binary",
@@ -177,6 +179,7 @@ async def delete_model(name: ModelName, services: ServicesDep, _key: Admin) -> R
     """Delete a model with its variants, datasets and files."""
     served = await asyncio.to_thread(services.models.delete, name)
     services.inference.forget(served)
+    services.generation.forget(served)
     services.metrics.forget_model(name)
     return Response(status_code=HTTPStatus.NO_CONTENT)
 
@@ -220,6 +223,7 @@ async def delete_variant(name: ModelName, variant: VariantName, services: Servic
         raise Conflict("the original variant cannot be deleted; delete the model instead")
     served = await asyncio.to_thread(services.models.delete_variant, name, variant)
     services.inference.forget(served)
+    services.generation.forget(served)
     return Response(status_code=HTTPStatus.NO_CONTENT)
 
 
@@ -285,4 +289,5 @@ async def set_session_options(name: ModelName, variant: VariantName, body: Sessi
     """Threads and graph optimization level of one variant's onnxruntime session."""
     options, sha = await asyncio.to_thread(services.models.configure_session, name, variant, body.model_dump())
     services.inference.forget([sha])
+    services.generation.forget([sha])
     return options

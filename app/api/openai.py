@@ -123,4 +123,5 @@ async def get_model(
 
 def _model_object(model_id: str, row: Any) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": int(row.created_at.timestamp()), "owned_by": "slimserve",
-            "task": ((row.config or {}).get("text") or {}).get("task")}
+            "task": ((row.config or {}).get("huggingface") or {}).get("task")
+            or ((row.config or {}).get("text") or {}).get("task")}

@@ -102,8 +102,12 @@ class ModelPublic(BaseModel):
         examples=[{"source_format": "torch.export", "state": "succeeded", "max_abs_error": 3.7e-08,
                    "rows_checked": 10, "dynamic_axes": {"x": [0]}, "exporter": "dynamo"}])
     task: str | None = Field(default=None, description="Text and image models: embeddings | classification | "
-                                                       "token-classification; null for tensor models",
+                                                       "token-classification | generation; null for tensor models",
                              examples=[None])
+    generation: dict[str, Any] | None = Field(
+        default=None, description="Generation models: the context length, whether a chat template came with the "
+                                  "folder, and the end-of-sequence token ids; null for others",
+        examples=[{"context_length": 2048, "chat_template": True, "eos_token_ids": [2]}])
     architecture: str | None = Field(default=None, description="Hugging Face folders: the transformers class "
                                                                "converted", examples=[None])
     tokenizer: bool = Field(default=False, description="The server tokenizes texts for this model (its own "
@@ -169,6 +173,7 @@ def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPu
     conversion = config.get("conversion")
     folder = config.get("huggingface") or {}
     text = config.get("text")
+    generation = config.get("generation")
     return ModelPublic(
         name=row.name, state=row.state, error=conversion.get("error") if conversion else None,
         warnings=list(row.warnings), format=row.format, sha256=row.sha256,
@@ -180,10 +185,18 @@ def model_public(row: ModelRow, shadow: dict[str, Any] | None = None) -> ModelPu
         datasets=[dataset_public(d) for d in row.datasets],
         capture=(row.config or {}).get("capture"),
         conversion=conversion,
-        task=folder.get("task"), architecture=folder.get("architecture"), tokenizer=text is not None,
+        task=folder.get("task"), architecture=folder.get("architecture"),
+        tokenizer=text is not None or generation is not None, generation=_generation_public(generation),
         files=config.get("files"), image=config.get("image"),
         shadow=shadow or {},
     )
+
+
+def _generation_public(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    return {"context_length": settings.get("context_length"), "chat_template": bool(settings.get("chat_template")),
+            "eos_token_ids": settings.get("eos_token_ids")}
 
 
 class CaptureUpdate(BaseModel):

@@ -16,9 +16,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.errors import InvalidContent, UnsupportedFormat
+from app.formats import causal_lm
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
 TASKS = ("embeddings", "classification", "token-classification")
+GENERATION = "generation"
+DEFAULT_MAX_CONTEXT = 131_072
 
 # model_type -> transformers' class prefix
 MODEL_TYPES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert",
@@ -56,12 +59,14 @@ class HuggingFaceFolder:
     labels: dict[str, str]
     max_length: int | None = None
     """sentence-transformers' max_seq_length, when the folder says it."""
+    generation: dict[str, Any] | None = None
+    """A causal LM's context length, chat template and special tokens (`causal_lm.CausalLM`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "model_type": self.model_type, "task": self.task,
                 "weights": self.weights, "tokenizer": self.tokenizer, "pooling": self.pooling,
                 "normalize": self.normalize, "image": self.image, "labels": self.labels,
-                "max_length": self.max_length}
+                "max_length": self.max_length, "generation": self.generation}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HuggingFaceFolder:
@@ -72,7 +77,8 @@ def is_huggingface(root: Path) -> bool:
     return (root / "config.json").is_file()
 
 
-def inspect(root: Path, *, label: str, task: str | None) -> HuggingFaceFolder:
+def inspect(root: Path, *, label: str, task: str | None,
+            max_context: int = DEFAULT_MAX_CONTEXT) -> HuggingFaceFolder:
     """What the folder holds, or a 4xx naming what is refused."""
     config = read_json(root / "config.json", label)
     if not isinstance(config, dict):
@@ -80,6 +86,8 @@ def inspect(root: Path, *, label: str, task: str | None) -> HuggingFaceFolder:
     if "auto_map" in config:
         raise InvalidContent(f"{label}: config.json has an 'auto_map', which loads model code shipped in the folder "
                              "(trust_remote_code); SlimServe never runs code from an upload", code="remote_code")
+    if causal_lm.is_causal_lm(config):
+        return _inspect_causal_lm(root, config, label, task, max_context)
     model_type = str(config.get("model_type", ""))
     architectures = config.get("architectures") or []
     architecture = str(architectures[0]) if isinstance(architectures, list) and architectures else ""
@@ -99,7 +107,8 @@ def inspect(root: Path, *, label: str, task: str | None) -> HuggingFaceFolder:
     modules = _sentence_transformers(root, label)
     chosen = task or inferred
     if chosen not in TASKS:
-        raise InvalidContent(f"task '{chosen[:40]}' is not one SlimServe serves; tasks: {', '.join(TASKS)}")
+        raise InvalidContent(f"task '{chosen[:40]}' is not one SlimServe serves; tasks: {', '.join(TASKS)}, "
+                             f"{GENERATION} (causal LMs)")
     if chosen != inferred:
         raise InvalidContent(f"{label}: '{architecture}' has no head for task '{chosen}' (it serves '{inferred}')")
     tokenizer = [] if image else _tokenizer_files(root, label)
@@ -113,6 +122,19 @@ def inspect(root: Path, *, label: str, task: str | None) -> HuggingFaceFolder:
         normalize=bool((modules or {}).get("normalize")), image=image,
         labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
         max_length=int(max_length) if isinstance(max_length, int) and max_length > 0 else None,
+    )
+
+
+def _inspect_causal_lm(root: Path, config: dict[str, Any], label: str, task: str | None,
+                       max_context: int) -> HuggingFaceFolder:
+    if task not in (None, GENERATION):
+        raise InvalidContent(f"{label}: a causal LM serves task '{GENERATION}', not '{str(task)[:40]}'")
+    found = causal_lm.inspect(root, config, label=label, max_context=max_context)
+    return HuggingFaceFolder(
+        architecture=found.architecture, model_type=found.model_type, task=GENERATION, weights=_weights(root, label),
+        tokenizer=_tokenizer_files(root, label), pooling=None, normalize=False, image=False, labels={},
+        generation={"context_length": found.context_length, "chat_template": found.chat_template,
+                    "bos_token": found.bos_token, "eos_token": found.eos_token},
     )
 
 

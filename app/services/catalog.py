@@ -43,6 +43,8 @@ class ModelEntry:
     """Dynamic batching settings; None when off or impossible (an input or output without a batch axis)."""
     text: dict[str, Any] | None = None
     """A text model's tokenizer and task settings: clients send texts, the session takes token tensors."""
+    generation: dict[str, Any] | None = None
+    """A generation model's context length, chat template and special tokens; served by GenerationService."""
 
     @property
     def default_variant(self) -> str:
@@ -64,6 +66,7 @@ def entry_from_row(row: ModelRow, now: float) -> ModelEntry:
         session_options={variant: SessionOptions(**options)
                          for variant, options in (row.config.get("sessions") or {}).items()},
         text=row.config.get("text"),
+        generation=row.config.get("generation"),
     )
 
 

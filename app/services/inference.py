@@ -76,6 +76,13 @@ def text_padding(entry: ModelEntry) -> dict[str, int] | None:
     return {name: pads[name] for name in entry.text["inputs"] if name in pads}
 
 
+def _refuse_generation(entry: ModelEntry) -> None:
+    if entry.generation is not None:
+        raise InvalidInput(f"model '{entry.name}' generates text: use POST /v2/models/{entry.name}/generate "
+                           "(or generate_stream), or OpenAI's /v1/completions and /v1/chat/completions",
+                           code="generation_model")
+
+
 class InferenceService:
     def __init__(
         self, *, catalog: Catalog, sessions: SessionCache, store: ArtifactStore, metrics: Metrics,
@@ -119,7 +126,7 @@ class InferenceService:
         return {
             "name": name,
             "versions": [variant] if variant is not None else list(entry.variants),
-            "platform": "onnxruntime_onnx",
+            "platform": "onnxruntime_genai" if entry.generation is not None else "onnxruntime_onnx",
             "inputs": [spec.to_json() for spec in entry.inputs.values()],
             "outputs": [spec.to_json() for spec in entry.outputs.values()],
         }
@@ -160,6 +167,7 @@ class InferenceService:
     ) -> TensorAnswer:
         entry = await self._catalog.get(name)
         attempt.model, attempt.variant = name, variant or entry.default_variant
+        _refuse_generation(entry)
         request = decode(entry)
         codecs.check_requested_outputs(request, entry.outputs)
         chosen, shadow = (variant, None) if variant is not None else choose(entry, request.id)
@@ -191,6 +199,7 @@ class InferenceService:
             request_id = payload_in.get("id") if isinstance(payload_in, dict) else None
             entry = await self._catalog.get(name)
             attempt.model, attempt.variant = name, variant or entry.default_variant
+            _refuse_generation(entry)
             inputs = codecs.decode_predict(payload_in, entry.inputs, self._limits)
             chosen, shadow = (variant, None) if variant is not None else choose(
                 entry, str(request_id) if request_id is not None else None)

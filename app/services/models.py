@@ -55,6 +55,7 @@ HF_FOLDER = ".hfd"  # a Hugging Face folder as uploaded, kept for its conversion
 class UploadLimits:
     max_unpacked_bytes: int = 256 * 1024**3
     max_archive_members: int = 10_000
+    max_context_tokens: int = huggingface.DEFAULT_MAX_CONTEXT
 
 
 @dataclass
@@ -205,7 +206,7 @@ class ModelService:
     def _create_huggingface(self, name: str, root: Path, label: str, task: str | None,
                             after_conversion: dict[str, Any] | None) -> ModelRow:
         """Vet the folder here (JSON and bytes only), keep it, and let a job convert it with transformers."""
-        summary = huggingface.inspect(root, label=label, task=task)
+        summary = huggingface.inspect(root, label=label, task=task, max_context=self._limits.max_context_tokens)
         sha, size, _ = self._store.commit_folder(root, HF_FOLDER)
         conversion: dict[str, Any] = {"source_format": HUGGINGFACE, "filename": label.strip("'"), "state": "queued"}
         if after_conversion is not None:

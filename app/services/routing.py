@@ -123,6 +123,28 @@ class ShadowTraffic:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def submit_generation(self, *, model: str, variant: str, primary_seconds: float,
+                          run: Callable[[], Awaitable[tuple[int, int, float]]]) -> None:
+        """A generation's shadow: `run` scores the answered tokens with the shadow variant and returns (matching
+        greedy tokens, tokens, seconds); kept as token agreement."""
+        if self._in_flight >= self._max_in_flight:
+            return
+        self._in_flight += 1
+
+        async def compare() -> None:
+            try:
+                matches, tokens, seconds = await run()
+                self._add_sums(model, variant, _Sums(1, tokens, float(matches), float(matches), True,
+                                                     primary_seconds, seconds))
+            except Exception:
+                log.warning("shadow generation on %s/%s failed", model, variant, exc_info=True)
+            finally:
+                self._in_flight -= 1
+
+        task = asyncio.get_running_loop().create_task(compare())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _compare(self, model: str, variant: str, inputs: dict[str, np.ndarray], output: str,
                        answer: np.ndarray, primary_seconds: float, run: ShadowRun) -> None:
         try:
@@ -141,7 +163,10 @@ class ShadowTraffic:
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cosine = np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1), 1.0)
         agreement = float(np.sum(a.argmax(axis=1) == b.argmax(axis=1))) if classifier else float(np.sum(cosine))
-        one = _Sums(1, len(a), agreement, float(np.sum(cosine)), classifier, primary_seconds, shadow_seconds)
+        self._add_sums(model, variant, _Sums(1, len(a), agreement, float(np.sum(cosine)), classifier,
+                                             primary_seconds, shadow_seconds))
+
+    def _add_sums(self, model: str, variant: str, one: _Sums) -> None:
         with self._lock:
             for table in (self._pending, self._totals):
                 _accumulate(table.setdefault((model, variant), _Sums()), one)

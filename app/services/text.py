@@ -31,6 +31,11 @@ def text_interface(settings: dict[str, Any]) -> tuple[list[TensorSpec], list[Ten
     return inputs, [TensorSpec("entities", "BYTES", (-1,))]
 
 
+def generation_interface() -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) a generation model shows over V2, as Triton's LLM backends: a prompt in, text out."""
+    return [TensorSpec("text_input", "BYTES", (1,))], [TensorSpec("text_output", "BYTES", (1,))]
+
+
 @dataclass
 class TextAnswer:
     names: list[str]

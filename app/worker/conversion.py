@@ -15,7 +15,7 @@ from app.compression import preflight
 from app.compression.errors import Cancelled, CompressionError
 from app.errors import SlimServeError
 from app.formats import datasets as dataset_format
-from app.formats.huggingface import HuggingFaceFolder
+from app.formats.huggingface import GENERATION, HuggingFaceFolder
 from app.formats.onnx_model import OnnxInfo, inspect_onnx
 from app.formats.torch_archive import SUFFIXES
 from app.runtime.datatypes import TensorSpec
@@ -29,8 +29,8 @@ from app.services.models import (
     commit_onnx,
     dataset_row,
 )
-from app.services.text import TOKENIZER_SUFFIX, text_interface
-from app.storage.artifacts import ArtifactStore
+from app.services.text import TOKENIZER_SUFFIX, generation_interface, text_interface
+from app.storage.artifacts import MODEL_FOLDER, ArtifactStore
 from app.storage.db import rowcount, transaction
 from app.storage.tables import JobRow, ModelRow, VariantRow, utcnow
 
@@ -99,6 +99,8 @@ class ConversionRunner:
         conversion = dict((model.config or {}).get("conversion") or {})
         label = f"'{conversion['filename']}'" if conversion.get("filename") else "the folder"
         source = self._store.local_folder(model.sha256, HF_FOLDER)
+        if summary.task == GENERATION:
+            return self._run_generation(job, summary, source, label, conversion, progress)
         work = self._store.temp_path(".convert")
         try:
             result = convert(source, summary, work, label=label, progress=progress)
@@ -129,6 +131,33 @@ class ConversionRunner:
                                            report=None))
         log.info("converted %s (%s, %s): max abs error %.3g", job.model_name, summary.architecture, summary.task,
                  result.max_abs_error)
+        return "succeeded"
+
+    def _run_generation(self, job: JobRow, summary: HuggingFaceFolder, source: Path, label: str,
+                        conversion: dict[str, Any], progress: Progress) -> str:
+        """A causal LM -> an onnxruntime-genai folder (fp32), checked against transformers; served by generation."""
+        from app.formats import genai_build
+
+        work = self._store.temp_path(".genai")
+        try:
+            check = genai_build.convert(source, summary, work, label=label, progress=progress)
+            opset, parameters, built = genai_build.describe(work)
+            sha, size, _ = self._store.commit_folder(work, MODEL_FOLDER)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        generation = {**(summary.generation or {}), **built, "architecture": summary.architecture}
+        inputs, outputs = generation_interface()
+        info = OnnxInfo(inputs=inputs, outputs=outputs, opset=opset, parameters=parameters)
+        warnings = [] if check.tokenizer_match else [
+            "onnxruntime-genai's tokenizer splits some check texts differently from transformers'"]
+        with transaction(self._factory) as session:
+            row = self._publish(session, job, check.to_json(), info, inputs, outputs, warnings)
+            conversion.update(state="succeeded", **check.to_json())
+            row.config = {**(row.config or {}), "conversion": conversion, "generation": generation}
+            row.variants.append(VariantRow(name=ORIGINAL, recipe=None, parent=None, sha256=sha, size_bytes=size,
+                                           report=None))
+        log.info("converted %s (%s, generation): max abs error %.3g, greedy %s", job.model_name,
+                 summary.architecture, check.max_abs_error, "matches" if check.greedy_match else "differs")
         return "succeeded"
 
     def _publish(self, session: Session, job: JobRow, report: dict[str, Any], info: OnnxInfo,

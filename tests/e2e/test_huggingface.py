@@ -19,7 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.exports import hf_folders, zip_folder
+from tests.e2e.folders import settled as _settled
+from tests.e2e.folders import upload_folder as _upload
+from tests.exports import hf_folders
 from tests.helpers import REPO
 from tests.processes import Server
 from tests.worker.helpers import wait_for_job
@@ -37,21 +39,6 @@ ARCHITECTURES = {"bert": "BertModel", "bert-vocab-only": "BertModel", "roberta":
 PRESET = {"bert": "int8-dynamic", "roberta": "int8-dynamic", "deberta-v2": "int8-dynamic", "bert-ner": "int8-static",
           "sentence-bert": "int8-dynamic", "bert-classifier": "int8-static"}
 TASKS = {"bert-classifier": "classification", "bert-ner": "token-classification", "vit-classifier": "classification"}
-
-
-def _upload(url: str, name: str, folder: Path, **fields: str) -> httpx.Response:
-    return httpx.post(f"{url}/models", data={"name": name, **fields},
-                      files={"file": (f"{folder.name}.zip", zip_folder(folder, folder.name))}, timeout=60)
-
-
-def _settled(url: str, name: str, timeout: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        model: dict[str, Any] = httpx.get(f"{url}/models/{name}", timeout=10).json()
-        if model["state"] != "converting":
-            return model
-        time.sleep(0.3)
-    raise AssertionError(f"{name} still converting after {timeout} s")
 
 
 def _v2_text(url: str, name: str, texts: list[str], variant: str | None = None) -> dict[str, Any]:

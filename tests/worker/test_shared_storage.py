@@ -88,7 +88,9 @@ def test_folder_models_and_tokenizers_travel_through_s3(
 ) -> None:
     """An ONNX model with external data and a converted Hugging Face folder, stored by node A, served by node B."""
     from tests.api.test_archives import _external, _files, _zip
-    from tests.e2e.test_huggingface import TEXTS, _settled, _upload
+    from tests.e2e.folders import settled as _settled
+    from tests.e2e.folders import upload_folder as _upload
+    from tests.e2e.test_huggingface import TEXTS
     from tests.exports import hf_folders
 
     fs, env = _bucket(s3_endpoint, "folders-bucket", postgres_url)

@@ -1,0 +1,1 @@
+"""Text generation for decoder LLMs: onnxruntime-genai generators, sampling parameters, stop strings."""

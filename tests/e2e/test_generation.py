@@ -1,0 +1,356 @@
+"""Decoder LLMs through the real server: Hugging Face folders converted by onnxruntime-genai's builder, served
+over OpenAI's API (its own client) and Triton's generate extension, greedy output equal to transformers', the
+sampling settings, streaming, the concurrency bound, a client that goes away, and what must be refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.folders import settled as _settled
+from tests.e2e.folders import upload_folder as _upload
+from tests.exports import llm_folders
+from tests.processes import Server, start_server
+
+pytestmark = pytest.mark.e2e
+
+MODELS = ("llama", "qwen2", "llama-plain", "llama-long")
+PROMPT = "def main(args):\n    "
+MAX_GENERATIONS = 4
+
+
+@pytest.fixture(scope="module")
+def folders() -> Path:
+    return llm_folders()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, folders: Path) -> Iterator[Server]:
+    started = start_server(tmp_path_factory.mktemp("llm") / "data", SLIMSERVE_EMBEDDED_WORKERS="2",
+                           SLIMSERVE_MAX_GENERATIONS=str(MAX_GENERATIONS), SLIMSERVE_MAX_CONTEXT_TOKENS="8192")
+    for name in (*MODELS, "llama-square"):
+        assert _upload(started.url, name, folders / name).status_code == 201, name
+    for name in MODELS:
+        model = _settled(started.url, name)
+        assert model["state"] == "ready", model
+    yield started
+    started.stop()
+
+
+def _complete(url: str, model: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": model, **body}, timeout=120)
+
+
+def _transformers_greedy(folder: Path, prompt: str, tokens: int) -> tuple[list[int], str, int]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    model.eval()  # type: ignore[no-untyped-call]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=tokens, do_sample=False)[0, len(ids):].tolist()
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    kept = [t for t in out if t not in eos]
+    return kept, str(tokenizer.decode(kept)), len(ids)
+
+
+def test_conversion_is_checked_against_transformers(server: Server) -> None:
+    for name in ("llama", "qwen2"):
+        model = httpx.get(f"{server.url}/models/{name}").json()
+        conversion = model["conversion"]
+        assert conversion["state"] == "succeeded"
+        assert conversion["max_abs_error"] < 1e-3
+        assert conversion["greedy_match"] is True and conversion["tokenizer_match"] is True
+        assert model["task"] == "generation" and model["tokenizer"] is True
+        assert model["architecture"] == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
+        assert model["generation"] == {"context_length": 256, "chat_template": True, "eos_token_ids": [2]}
+        assert [v["name"] for v in model["variants"]] == ["original"]
+        assert model["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+    assert httpx.get(f"{server.url}/models/llama-plain").json()["generation"]["chat_template"] is False
+
+
+def test_a_conversion_that_differs_from_transformers_is_not_published(server: Server) -> None:
+    # onnxruntime-genai 0.18's builder exports a model whose vocabulary equals its hidden size wrongly
+    model = _settled(server.url, "llama-square")
+    assert model["state"] == "failed" and model["variants"] == []
+    assert "differ from transformers'" in model["error"] and "vocabulary is as large as" in model["error"]
+    refused = _complete(server.url, "llama-square", prompt=PROMPT)
+    assert refused.status_code == 503 and "failed" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_greedy_equals_transformers(server: Server, folders: Path, name: str) -> None:
+    ids, text, prompt_tokens = _transformers_greedy(folders / name, PROMPT, 24)
+    answer = _complete(server.url, name, prompt=PROMPT, max_tokens=24, temperature=0).json()
+    assert answer["choices"][0]["text"] == text
+    assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+                               "total_tokens": prompt_tokens + len(ids)}
+    assert answer["choices"][0]["finish_reason"] == ("length" if len(ids) == 24 else "stop")
+    again = _complete(server.url, name, prompt=PROMPT, max_tokens=24, temperature=0).json()
+    assert again["choices"][0]["text"] == text  # deterministic
+
+
+def test_openai_client_unchanged(server: Server) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    completion = client.completions.create(model="llama", prompt=PROMPT, max_tokens=12, temperature=0)
+    text = completion.choices[0].text
+    assert completion.usage is not None and completion.usage.completion_tokens == 12
+    streamed = client.completions.create(model="llama", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    pieces, reasons, usage = [], [], None
+    for chunk in streamed:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            reasons.append(chunk.choices[0].finish_reason)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == text and reasons[-1] == "length" and set(reasons[:-1]) == {None}
+    assert usage is not None and usage.completion_tokens == 12
+
+    messages: Any = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    chat = client.chat.completions.create(model="qwen2", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    content = chat.choices[0].message.content or ""
+    deltas = []
+    for piece in client.chat.completions.create(model="qwen2", messages=messages, max_tokens=10, temperature=0,
+                                                stream=True):
+        if piece.choices:
+            deltas.append(piece.choices[0].delta.content or "")
+    assert "".join(deltas) == content
+    ids = {m.id for m in client.models.list()}
+    assert {"llama", "qwen2", "llama-plain"} <= ids
+
+
+def test_chat_renders_the_folders_template(server: Server, folders: Path) -> None:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folders / "qwen2", local_files_only=True)
+    messages = [{"role": "user", "content": "Say hi."}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                      json={"model": "qwen2", "messages": messages, "max_tokens": 8, "temperature": 0}).json()
+    plain = _complete(server.url, "qwen2", prompt=rendered, max_tokens=8, temperature=0).json()
+    assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+    assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] == len(tokenizer(rendered)["input_ids"])
+
+
+def test_sampling_settings(server: Server) -> None:
+    url = server.url
+    greedy = _complete(url, "llama", prompt=PROMPT, max_tokens=20, temperature=0).json()["choices"][0]["text"]
+    assert _complete(url, "llama", prompt=PROMPT, max_tokens=20, top_k=1).json()["choices"][0]["text"] == greedy
+
+    def sampled(seed: int) -> str:
+        body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 1.0, "top_p": 0.95, "top_k": 50, "seed": seed}
+        return str(_complete(url, "llama", **body).json()["choices"][0]["text"])
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(seed) for seed in range(4)} | {greedy}) > 2
+
+    stop = greedy[5:8]
+    assert stop and stop not in greedy[:7]
+    cut = _complete(url, "llama", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop, "never-said"]).json()
+    assert cut["choices"][0]["text"] == greedy[:greedy.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    streamed = _stream_text(url, "/v1/completions", {"model": "llama", "prompt": PROMPT, "max_tokens": 20,
+                                                     "temperature": 0, "stop": stop, "stream": True})
+    assert streamed == greedy[:greedy.index(stop)]
+
+
+def _stream_text(url: str, path: str, body: dict[str, Any]) -> str:
+    pieces = []
+    with httpx.stream("POST", url + path, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            pieces.append(event["text_output"] if "text_output" in event else event["choices"][0]["text"])
+    return "".join(pieces)
+
+
+def test_triton_generate_extension(server: Server) -> None:
+    url = server.url
+    greedy = _complete(url, "llama", prompt=PROMPT, max_tokens=10, temperature=0).json()["choices"][0]["text"]
+    answer = httpx.post(f"{url}/v2/models/llama/generate", timeout=60,
+                        json={"text_input": PROMPT, "parameters": {"max_tokens": 10, "temperature": 0}}).json()
+    assert answer["model_name"] == "llama" and answer["model_version"] == "original"
+    assert answer["text_output"] == greedy and answer["finish_reason"] == "length"
+    versioned = httpx.post(f"{url}/v2/models/llama/versions/original/generate", timeout=60,
+                           json={"text_input": PROMPT, "max_tokens": 10, "temperature": 0}).json()
+    assert versioned["text_output"] == greedy
+    events = []
+    with httpx.stream("POST", f"{url}/v2/models/llama/generate_stream", timeout=60,
+                      json={"text_input": PROMPT, "parameters": {"max_tokens": 10, "temperature": 0}}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["text_output"] for e in events) == greedy
+    assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 10
+    assert all(e["model_name"] == "llama" for e in events)
+    missing = httpx.post(f"{url}/v2/models/llama/versions/int4/generate", json={"text_input": "x"})
+    assert missing.status_code == 404
+
+
+@pytest.mark.parametrize(("path", "body", "status", "needle"), [
+    ("/v1/completions", {"model": "llama", "prompt": "x " * 400}, 400, "context is 256"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "max_tokens": 0}, 400, "'max_tokens' must be at least 1"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "max_tokens": -3}, 400, "'max_tokens'"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "max_tokens": 300}, 400, "past the context"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "temperature": -0.5}, 400, "'temperature'"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "n": 2}, 400, "'n' must be 1"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "top_p": 1.5}, 400, "'top_p'"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop'"),
+    ("/v1/completions", {"model": "llama", "prompt": PROMPT, "frobnicate": 1}, 400, "'frobnicate'"),
+    ("/v1/completions", {"model": "llama", "prompt": 42}, 400, "'prompt'"),
+    ("/v1/completions", {"model": "nobody", "prompt": PROMPT}, 404, "nobody"),
+    ("/v1/chat/completions", {"model": "qwen2", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
+    ("/v1/chat/completions", {"model": "qwen2", "messages": []}, 400, "'messages'"),
+    ("/v1/chat/completions", {"model": "qwen2", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "image_url"),
+    ("/v1/chat/completions", {"model": "llama-plain", "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "no chat template"),
+    ("/v1/chat/completions", {"model": "qwen2", "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function"}]}, 400, "'tools'"),
+    ("/v2/models/llama/generate", {"text_input": PROMPT, "parameters": {"beam_width": 4}}, 400, "'beam_width'"),
+    ("/v2/models/llama/generate", {"parameters": {"max_tokens": 4}}, 400, "'text_input'"),
+])
+def test_bad_requests_are_refused_with_the_reason(server: Server, path: str, body: dict[str, Any], status: int,
+                                                  needle: str) -> None:
+    response = httpx.post(server.url + path, json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]
+    assert _complete(server.url, "llama", prompt=PROMPT, max_tokens=2).status_code == 200  # still serving
+
+
+def _metric(url: str, name: str, labels: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_client_that_goes_away_stops_its_generation(server: Server) -> None:
+    labels = 'model="llama-long",variant="original"'
+    before = _metric(server.url, "slimserve_generated_tokens_total", labels)
+    body = {"model": "llama-long", "prompt": PROMPT, "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        received = 0
+        for line in lines:
+            if line.startswith("data: "):
+                received += 1
+                if received == 2:
+                    break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(server.url, "slimserve_active_generations", 'model="llama-long"'):
+        time.sleep(0.05)
+    assert _metric(server.url, "slimserve_active_generations", 'model="llama-long"') == 0
+    generated = _metric(server.url, "slimserve_generated_tokens_total", labels) - before
+    # 4000 tokens take about 30 s on this model; stopping within a second leaves a few hundred at most
+    assert 2 <= generated < 600
+    assert _metric(server.url, "slimserve_requests_total",
+                   'code="499",model="llama-long",protocol="openai",variant="original"') >= 1
+
+
+def test_beyond_the_bound_requests_get_429_and_the_server_stays_flat(server: Server) -> None:
+    import psutil
+
+    process = psutil.Process(server.process.pid)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": "llama-long", "prompt": PROMPT, "max_tokens": 150, "temperature": 0}
+            return list(await asyncio.gather(*(client.post(f"{server.url}/v1/completions", json=body)
+                                               for _ in range(MAX_GENERATIONS + 20))))
+
+    first = asyncio.run(burst())
+    rss_after_first = process.memory_info().rss
+    second = asyncio.run(burst())
+    rss_after_second = process.memory_info().rss
+    for responses in (first, second):
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) == {200, 429}, codes
+        assert MAX_GENERATIONS <= codes.count(200) < len(codes)
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["Retry-After"] == "1"
+        assert "SLIMSERVE_MAX_GENERATIONS" in refused.json()["error"]
+        texts = {r.json()["choices"][0]["text"] for r in responses if r.status_code == 200}
+        assert len(texts) == 1  # greedy: every concurrent answer is the same
+    assert rss_after_second - rss_after_first < 64 * 1024**2
+    assert _complete(server.url, "llama-long", prompt=PROMPT, max_tokens=3).status_code == 200
+
+
+def test_generation_metrics(server: Server) -> None:
+    _complete(server.url, "qwen2", prompt=PROMPT, max_tokens=8, temperature=0)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in ("slimserve_time_to_first_token_seconds_count", "slimserve_time_per_output_token_seconds_count",
+                 "slimserve_generated_tokens_total", "slimserve_prompt_tokens_total"):
+        assert _metric(server.url, name, 'model="qwen2",variant="original"') >= 1, name
+    assert 'slimserve_requests_total{code="200",model="qwen2",protocol="openai",variant="original"}' in text
+
+
+def _copy(folders: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(folders / "llama", target)
+    return target
+
+
+def test_uploads_refused_with_the_reason(server: Server, folders: Path, tmp_path: Path) -> None:
+    huge = _copy(folders, tmp_path, "huge-context")
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10_000_000}))
+
+    broken = _copy(folders, tmp_path, "broken-template")
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+
+    refusing = _copy(folders, tmp_path, "refusing-template")
+    (refusing / "chat_template.jinja").write_text("{{ raise_exception('this template takes no messages') }}")
+
+    escaping = _copy(folders, tmp_path, "escaping-template")
+    (escaping / "chat_template.jinja").write_text(
+        "{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+    falcon = _copy(folders, tmp_path, "falcon")
+    (falcon / "config.json").write_text(json.dumps({**config, "model_type": "falcon",
+                                                    "architectures": ["FalconForCausalLM"]}))
+    cases = {"huge-context": (huge, "10000000 tokens"), "broken-template": (broken, "does not compile"),
+             "refusing-template": (refusing, "takes no messages"), "escaping-template": (escaping, "chat template"),
+             "falcon": (falcon, "FalconForCausalLM")}
+    for name, (folder, needle) in cases.items():
+        response = _upload(server.url, name, folder)
+        assert response.status_code == 422, (name, response.text)
+        assert needle in response.json()["error"], (name, response.json())
+        assert httpx.get(f"{server.url}/models/{name}").status_code == 404
+    assert _complete(server.url, "llama", prompt=PROMPT, max_tokens=2).status_code == 200
+
+
+def test_tensor_routes_point_to_generation_and_back(server: Server) -> None:
+    from tests.helpers import MODELS as BUNDLED
+
+    url = server.url
+    metadata = httpx.get(f"{url}/v2/models/llama").json()
+    assert metadata["platform"] == "onnxruntime_genai" and metadata["versions"] == ["original"]
+    assert metadata["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]}
+    refused = httpx.post(f"{url}/v2/models/llama/infer", json=body)
+    assert refused.status_code == 400 and "/v2/models/llama/generate" in refused.json()["error"]
+    embeddings = httpx.post(f"{url}/v1/embeddings", json={"model": "llama", "input": "hi"})
+    assert embeddings.status_code == 422 and "not a text embeddings model" in embeddings.json()["error"]
+    with open(BUNDLED / "digits_mlp.onnx", "rb") as handle:
+        assert httpx.post(f"{url}/models", data={"name": "digits"}, files={"file": ("m.onnx", handle)},
+                          timeout=60).status_code == 201
+    tensor_model = _complete(url, "digits", prompt=PROMPT)
+    assert tensor_model.status_code == 422 and "does not generate text" in tensor_model.json()["error"]
