@@ -22,10 +22,18 @@ class QatConfig(_Step):
 
 
 class QuantizeStep(_Step):
-    """INT8 dynamic/static (QDQ), FP16, or INT4 weight-only quantization."""
+    """INT8 dynamic/static (QDQ), FP16, or INT4 weight-only quantization; INT4/INT8 weight-only for LLMs."""
 
     op: Literal["quantize"] = "quantize"
-    mode: Literal["dynamic", "static", "fp16", "int4"]
+    mode: Literal["dynamic", "static", "fp16", "int4", "int8"]
+    """`int8` is weight-only INT8 (MatMulNBits, 8 bits) for generation models."""
+    algorithm: Literal["rtn", "k_quant", "gptq", "hqq"] | None = None
+    """Generation models: how weights are rounded to INT4/INT8 (onnxruntime's MatMulNBits quantizer); None: rtn.
+    gptq calibrates on the dataset's text."""
+    lm_head: Literal["auto", "quantize", "int8", "float"] = "auto"
+    """Generation models: the LM head (the largest, most output-sensitive MatMul) at the step's precision, at
+    INT8, or in float; auto measures INT8 against the step's precision on the dataset and keeps the head at INT8
+    when it lowers the perplexity increase by a third or more."""
     per_channel: bool | None = None
     """Per-channel weights; None lets the step measure both and keep the more faithful one (dynamic)."""
     calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
@@ -112,8 +120,10 @@ class Recipe(BaseModel):
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    metric: Literal["agreement", "accuracy", "cosine"] = "agreement"
+    metric: Literal["agreement", "accuracy", "cosine", "perplexity"] = "agreement"
     max_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_increase: float = Field(default=0.05, ge=0.0, le=10.0)
+    """Metric `perplexity` (generation models): the largest relative increase over the original's perplexity."""
 
 
 _SMALLEST_TRANSFORMER: list[dict[str, Any]] = [

@@ -71,6 +71,9 @@ def measure(
 
 def within_budget(report: dict[str, Any], budget: Budget) -> bool:
     fidelity = report["fidelity"]
+    if budget.metric == "perplexity":
+        increase = fidelity.get("perplexity_increase")
+        return increase is not None and bool(increase <= budget.max_increase + 1e-9)
     if budget.metric == "accuracy":
         if fidelity["accuracy"] is None or fidelity["original_accuracy"] is None:
             return False

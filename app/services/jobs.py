@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.compression import preflight
 from app.compression.config import AUTO, Budget, DistillStep, Recipe, parse_recipe
 from app.compression.errors import InvalidRecipe
+from app.compression.llm.recipe import the_step
 from app.errors import Conflict, InvalidContent, ModelNotFound, NotFound
 from app.services.models import check_name
 from app.storage import repositories
@@ -160,6 +161,11 @@ def _check_data_needs(
     model: ModelRow, recipe: Recipe | None, dataset: DatasetRow | None, budget: Budget | None, session: Session
 ) -> None:
     steps = recipe.steps if recipe is not None else []
+    if (model.config or {}).get("generation") is not None:
+        _check_generation_job(model, recipe, dataset, budget)
+        return
+    if budget is not None and budget.metric == "perplexity":
+        raise InvalidContent("budget metric 'perplexity' applies to generation models (causal LMs)")
     if dataset is None:
         if any(isinstance(s, DistillStep) for s in steps):
             raise InvalidContent(
@@ -178,3 +184,19 @@ def _check_data_needs(
         if isinstance(step, DistillStep) and step.student != "current":
             if repositories.get_model(session, name=step.student) is None:
                 raise InvalidContent(f"distillation student '{step.student}' is not an uploaded model")
+
+
+def _check_generation_job(model: ModelRow, recipe: Recipe | None, dataset: DatasetRow | None,
+                          budget: Budget | None) -> None:
+    """A generation model is quantized weight-only, on text, under a perplexity budget."""
+    if dataset is None:
+        raise InvalidContent(f"a generation model is calibrated and measured on text: upload a .txt or .jsonl dataset "
+                             f"first (POST /models/{model.name}/datasets)", code="dataset_required")
+    if recipe is not None:
+        try:
+            the_step(recipe)
+        except InvalidRecipe as exc:
+            raise InvalidContent(str(exc), code="invalid_recipe") from None
+    if budget is not None and budget.metric != "perplexity":
+        raise InvalidContent(f"a generation model's budget is on perplexity ({{\"metric\": \"perplexity\", "
+                             f"\"max_increase\": 0.05}}), not {budget.metric}")

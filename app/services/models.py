@@ -387,7 +387,9 @@ class ModelService:
         upload.temp.close()
         label = display_name(upload.filename, "the dataset file")
         text = (row.config or {}).get("text")
-        if text is not None and not _is_npz(upload.temp.path):
+        if (row.config or {}).get("generation") is not None:
+            stored = self._generation_dataset(dataset_name, upload, label)
+        elif text is not None and not _is_npz(upload.temp.path):
             stored = self._text_dataset(dataset_name, upload, label, text)
         else:
             specs = [TensorSpec.from_json(s) for s in row.inputs]
@@ -425,6 +427,19 @@ class ModelService:
                      len(texts))
         return DatasetRow(id=str(uuid.uuid4()), name=name, sha256=sha, size_bytes=path.stat().st_size,
                           samples=len(texts), has_labels=labels is not None)
+
+    def _generation_dataset(self, name: str, upload: IncomingFile, label: str) -> DatasetRow:
+        """.txt or .jsonl for a generation model: its texts calibrate (GPTQ) and measure (perplexity) variants."""
+        if _is_npz(upload.temp.path):
+            raise InvalidContent(f"{label}: a generation model takes text datasets (.txt, one text per line, or "
+                                 ".jsonl with a 'text' field), not arrays")
+        texts, _ = text_datasets.parse_text_file(upload.temp.path, label=label, labels={})
+        buffer = io.BytesIO()
+        np.savez(buffer, **{text_datasets.TEXT: np.array(texts, dtype=str)})  # type: ignore[arg-type]
+        upload.temp.discard()
+        sha, path = self._store.write_bytes(buffer.getvalue(), DATASET_SUFFIX, "the text dataset")
+        return DatasetRow(id=str(uuid.uuid4()), name=name, sha256=sha, size_bytes=path.stat().st_size,
+                          samples=len(texts), has_labels=False)
 
     def list_datasets(self, model_name: str) -> list[DatasetRow]:
         return list(self.get(model_name).datasets)

@@ -24,6 +24,7 @@ from app.compression.config import AUTO, Budget, Recipe
 from app.compression.errors import Cancelled, CompressionError
 from app.compression.evaluate import renamed
 from app.compression.graph import io_info, model_files, rename_external_data
+from app.compression.llm.recipe import LlmResult, run_llm_recipe, search_llm, token_sequences
 from app.compression.progress import CancelToken
 from app.compression.recipes import Checkpoint, run_recipe
 from app.compression.search import Objective, search
@@ -31,7 +32,7 @@ from app.errors import SlimServeError
 from app.services.models import CONVERT, ORIGINAL, commit_onnx
 from app.services.text import TOKENIZER_SUFFIX
 from app.storage import repositories
-from app.storage.artifacts import ArtifactStore
+from app.storage.artifacts import MODEL_FOLDER, ArtifactStore
 from app.storage.db import rowcount, transaction
 from app.storage.tables import DatasetRow, JobRow, ModelRow, VariantRow, utcnow
 from app.text.datasets import LABELS, TEXT, token_arrays
@@ -205,7 +206,11 @@ class JobRunner:
             original = self._pin(self._store.model(_original_sha(model)), pinned)
             dataset = session.get(DatasetRow, job.dataset_id) if job.dataset_id else None
             dataset_path = self._pin(self._store.local(dataset.sha256, DATASET_SUFFIX), pinned) if dataset else None
+            dataset_name = dataset.name if dataset else None
             text = (model.config or {}).get("text")
+            generation = (model.config or {}).get("generation")
+        if generation is not None:
+            return self._compress_generation(job, original.parent, dataset_path, dataset_name, heartbeat)
         inputs, _ = io_info(original)
         data = self._dataset(dataset_path, inputs, text) if dataset_path else None
         budget = Budget.model_validate(job.budget) if job.budget else None
@@ -222,6 +227,25 @@ class JobRunner:
         if resume is not None:
             result.report["resumed_from_step"] = resume.done + 1
         return result
+
+    def _compress_generation(self, job: JobRow, original: Path, dataset: Path | None, dataset_name: str | None,
+                             heartbeat: _Heartbeat) -> LlmResult:
+        """A generation model's genai folder, quantized weight-only (or searched) and measured on text."""
+        if dataset is None:
+            raise CompressionError("a generation model is calibrated and measured on text: upload a .txt or .jsonl "
+                                   "dataset first")
+        with np.load(dataset, allow_pickle=False) as archive:
+            texts = [str(t) for t in archive[TEXT]]
+        sequences = token_sequences(original, texts, f"dataset '{dataset_name}'")
+        output = self._store.temp_path(".genai")
+        output.mkdir()
+        budget = Budget.model_validate(job.budget) if job.budget else None
+        if job.preset == AUTO:
+            return search_llm(original, output / "variant", sequences, budget=budget, progress=heartbeat.report,
+                              cancel=heartbeat.token, threads=self._threads)
+        return run_llm_recipe(original, output / "variant", Recipe.model_validate(job.recipe), sequences,
+                              budget=budget, progress=heartbeat.report, cancel=heartbeat.token,
+                              threads=self._threads)
 
     def _dataset(self, path: Path, inputs: list[Any], text: dict[str, Any] | None) -> model_data.ModelData:
         """The dataset as the model's inputs: a text dataset (texts kept as text) is tokenized here, with the
@@ -304,13 +328,20 @@ class JobRunner:
             return self._finish(job.id, "failed", stage="failed", report=report, candidates=candidates, error=(
                 "not promoted and not kept: no candidate met both the budget and the objective "
                 f"('{job.objective}'); the model is unchanged"))
-        # One file, or past 2 GB a folder: the graph and the weights file the compression wrote beside it.
-        if rename_external_data(output, f"{job.variant}.onnx.data"):
-            renamed(report, output)
-        sha, size, _ = commit_onnx(self._store, output, output.parent)
-        sidecar = output.with_suffix(".recipe.json")
-        if sidecar.is_file():
-            self._store.adopt(sidecar, ".json")
+        if isinstance(result, LlmResult):  # a genai folder: graph, weights, config and tokenizer together
+            assert result.output is not None
+            try:
+                sha, size, _ = self._store.commit_folder(result.output, MODEL_FOLDER)
+            finally:
+                shutil.rmtree(result.output.parent, ignore_errors=True)
+        else:
+            # One file, or past 2 GB a folder: the graph and the weights file the compression wrote beside it.
+            if rename_external_data(output, f"{job.variant}.onnx.data"):
+                renamed(report, output)
+            sha, size, _ = commit_onnx(self._store, output, output.parent)
+            sidecar = output.with_suffix(".recipe.json")
+            if sidecar.is_file():
+                self._store.adopt(sidecar, ".json")
         recipe = job.recipe if job.preset != AUTO else {"preset": AUTO, "winner": getattr(result, "winner", None)}
         try:
             with transaction(self._factory) as session:
@@ -372,6 +403,9 @@ def _original_sha(model: ModelRow) -> str:
 def _budget_summary(report: dict[str, Any]) -> str:
     budget, fidelity = report.get("budget") or {}, report["fidelity"]
     metric = budget.get("metric", "agreement")
+    if metric == "perplexity":
+        return (f"perplexity {fidelity.get('perplexity')} against {fidelity.get('original_perplexity')}, an increase "
+                f"of {fidelity.get('perplexity_increase')} with max increase {budget.get('max_increase')}")
     value = {"agreement": fidelity.get("agreement"), "cosine": fidelity.get("cosine_mean"),
              "accuracy": fidelity.get("accuracy")}.get(metric)
     return f"{metric} {value} with max drop {budget.get('max_drop')}"

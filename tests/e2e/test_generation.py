@@ -354,3 +354,105 @@ def test_tensor_routes_point_to_generation_and_back(server: Server) -> None:
                           timeout=60).status_code == 201
     tensor_model = _complete(url, "digits", prompt=PROMPT)
     assert tensor_model.status_code == 422 and "does not generate text" in tensor_model.json()["error"]
+
+
+def _stdlib_texts(count: int) -> bytes:
+    """Python source from the standard library, as a .jsonl text dataset (one chunk of code per line)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks: list[str] = []
+    for path in sorted(root.glob("*.py"))[40:]:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        chunks.extend(text[i:i + 500] for i in range(0, min(len(text), 2000), 500))
+        if len(chunks) >= count:
+            break
+    return "".join(json.dumps({"text": c}) + "\n" for c in chunks[:count]).encode()
+
+
+@pytest.fixture(scope="module")
+def compressed(server: Server) -> dict[str, Any]:
+    """llama compressed by the int4-weight preset on a text dataset (the job's finished record)."""
+    from tests.worker.helpers import wait_for_job
+
+    dataset = httpx.post(f"{server.url}/models/llama/datasets", data={"name": "code"},
+                         files={"file": ("code.jsonl", _stdlib_texts(24))}, timeout=60)
+    assert dataset.status_code == 201, dataset.text
+    assert dataset.json()["samples"] == 24
+    response = httpx.post(f"{server.url}/models/llama/compressions", timeout=30, json={
+        "recipe": "int4-weight", "dataset": "code", "budget": {"metric": "perplexity", "max_increase": 0.5}})
+    assert response.status_code == 202, response.text
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        job = wait_for_job(client, response.json()["id"], timeout=300)
+    assert job["state"] == "succeeded", job["error"]
+    return job
+
+
+def test_int4_report_measures_perplexity_agreement_and_speed(server: Server, compressed: dict[str, Any]) -> None:
+    report = compressed["report"]
+    fidelity, speed = report["fidelity"], report["speed"]
+    assert fidelity["original_perplexity"] > 1 and fidelity["perplexity"] > 1
+    assert fidelity["perplexity_increase"] == pytest.approx(fidelity["perplexity"] / fidelity["original_perplexity"]
+                                                            - 1, abs=1e-4)
+    # random weights: INT4 changes many greedy choices (the trained LM of benchmarks/generation.py keeps them)
+    assert 0 < fidelity["token_agreement"] <= 1 and fidelity["kl_divergence"] > 0
+    assert fidelity["positions"] > 100 and "dataset 'code'" in fidelity["data"]
+    assert speed["decode_tokens_per_second"] > 0 and speed["original_decode_tokens_per_second"] > 0
+    assert speed["time_to_first_token_ms"] > 0 and speed["prompt_tokens"] == 128
+    assert report["size_ratio"] < 0.6  # 4-bit blocks against float32
+    notes = report["notes"]
+    assert notes["quantization"]["algorithm"] == "rtn" and notes["quantization"]["matmuls"].get("float", 0) == 0
+    assert notes["lm_head"]["chosen"] in ("int4", "int8") and set(notes["lm_head"]["perplexity"]) == {"int4", "int8"}
+    assert notes["accuracy_level"]["chosen"] in (1, 4) and set(notes["accuracy_level"]["decode_tokens_per_second"]) \
+        == {"1", "4"}
+    assert report["within_budget"] == (fidelity["perplexity_increase"] <= 0.5)
+    model = httpx.get(f"{server.url}/models/llama").json()
+    variant = next(v for v in model["variants"] if v["name"] == compressed["variant"])
+    assert variant["size_bytes"] < next(v for v in model["variants"] if v["name"] == "original")["size_bytes"]
+
+
+def test_variants_are_served_and_routed(server: Server, compressed: dict[str, Any]) -> None:
+    url, variant = server.url, compressed["variant"]
+    answer = _complete(url, f"llama:{variant}", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert answer.status_code == 200 and answer.headers["X-Variant"] == variant
+    generated = httpx.post(f"{url}/v2/models/llama/versions/{variant}/generate", timeout=60,
+                           json={"text_input": PROMPT, "parameters": {"max_tokens": 8, "temperature": 0}}).json()
+    assert generated["text_output"] == answer.json()["choices"][0]["text"]
+    assert f"llama:{variant}" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    routing = {"default": "original", "canary": {"variant": variant, "percent": 50},
+               "shadow": None}
+    assert httpx.put(f"{url}/models/llama/routing", json=routing).status_code == 200
+    served = {_complete(url, "llama", prompt=PROMPT, max_tokens=2).headers["X-Variant"] for _ in range(24)}
+    assert served == {"original", variant}
+    shadowed = {"default": "original", "canary": None, "shadow": {"variant": variant, "percent": 100}}
+    assert httpx.put(f"{url}/models/llama/routing", json=shadowed).status_code == 200
+    for _ in range(6):
+        assert _complete(url, "llama", prompt=PROMPT, max_tokens=16, temperature=0).headers["X-Variant"] == "original"
+    deadline = time.monotonic() + 15
+    stats: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{url}/models/llama").json()["shadow"].get(variant) or {}
+        if stats.get("requests", 0) >= 6:
+            break
+        time.sleep(0.3)
+    assert stats["requests"] >= 6 and stats["rows"] >= 6 * 16 and stats["metric"] == "agreement"
+    assert 0 < stats["agreement"] <= 1.0
+    assert _metric(url, "slimserve_shadow_agreement_ratio", f'model="llama",variant="{variant}"') > 0
+    httpx.put(f"{url}/models/llama/routing", json={"default": "original", "canary": None, "shadow": None})
+
+
+def test_generation_jobs_refused_with_the_reason(server: Server, compressed: dict[str, Any]) -> None:
+    cases = [
+        ({"recipe": "int8-dynamic", "dataset": "code"}, "one step"),
+        ({"recipe": {"steps": [{"op": "prune", "mode": "unstructured", "sparsity": 0.5}]}, "dataset": "code"},
+         "one step"),
+        ({"recipe": "int4-weight", "dataset": "code", "budget": {"metric": "agreement", "max_drop": 0.01}},
+         "perplexity"),
+    ]
+    for body, needle in cases:
+        response = httpx.post(f"{server.url}/models/llama/compressions", json=body, timeout=30)
+        assert response.status_code == 422 and needle in response.json()["error"], response.text
+    no_data = httpx.post(f"{server.url}/models/qwen2/compressions", json={"recipe": "int4-weight"}, timeout=30)
+    assert no_data.status_code == 422 and "upload a .txt or .jsonl dataset" in no_data.json()["error"]
+    arrays = httpx.post(f"{server.url}/models/qwen2/datasets", files={"file": ("x.npz", b"PK\x03\x04rest")})
+    assert arrays.status_code == 422 and "text datasets" in arrays.json()["error"]

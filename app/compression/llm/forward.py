@@ -46,6 +46,11 @@ class DecoderSession:
 
     def logits(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """[len(ids), vocab] float32: the next-token logits after each prefix of `ids`."""
+        result = self.session.run([self._logits], self.feeds(ids))[0]
+        return np.asarray(result[0], dtype=np.float32)
+
+    def feeds(self, ids: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """The decoder's inputs that score `ids` from an empty past."""
         tokens = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         feeds: dict[str, np.ndarray] = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
         if self._has_positions:
@@ -53,5 +58,4 @@ class DecoderSession:
         empty = np.zeros((1, self._kv_heads, 0, self._head_size), dtype=self._past_type)
         for key, value in self._past:
             feeds[key] = feeds[value] = empty
-        result = self.session.run([self._logits], feeds)[0]
-        return np.asarray(result[0], dtype=np.float32)
+        return feeds

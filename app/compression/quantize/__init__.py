@@ -31,6 +31,9 @@ def run(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) -> dict
     """
     if not isinstance(step, QuantizeStep):
         raise InvalidRecipe(f"the quantize step got a '{getattr(step, 'op', type(step).__name__)}' configuration")
+    if step.mode not in _MODES or step.algorithm is not None:
+        raise InvalidRecipe("mode 'int8' (weight-only) and 'algorithm' apply to generation models (causal LMs); "
+                            "this model takes modes " + ", ".join(_MODES))
     mode: Callable[[Path, Path, QuantizeStep, StepContext], dict[str, Any]] = _MODES[step.mode]
     ctx.progress(0.0, step.mode)
     notes = mode(model, output, step, ctx)

@@ -1,0 +1,246 @@
+"""Compression of a generation model: one weight-only quantize step, measured against the original, or the
+`auto` search over the INT4 algorithms for the fastest variant within the perplexity budget.
+
+Choices a step leaves to `auto` are made by measurement on the dataset's text, and the notes show every figure:
+the LM head at INT8 or at the step's precision (kept at INT8 when that removes a third or more of the
+perplexity increase), and MatMulNBits' accuracy level (int8 activations kept only when at least 5% faster and
+within 0.001 of level 1's token agreement: on some models level 4 picks wrong top tokens,
+microsoft/onnxruntime#29849).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.compression.config import Budget, QuantizeStep, Recipe
+from app.compression.errors import InvalidRecipe
+from app.compression.llm import evaluate
+from app.compression.llm.forward import genai_config
+from app.compression.llm.quantize import QuantizedBody, quantize_body, set_accuracy_level, write_variant
+from app.compression.progress import CancelToken
+
+Progress = Callable[[float, str], None]
+MAX_TOKENS_PER_TEXT = 256
+MAX_EVAL_SEQUENCES = 64
+AUTO_ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
+_HEAD_GAIN = 1 / 3
+_LEVEL_MIN_GAIN = 0.05
+_LEVEL_AGREEMENT_SLACK = 0.001
+
+
+@dataclass
+class LlmResult:
+    output: Path | None
+    """The variant's genai folder."""
+    report: dict[str, Any] | None
+    candidates: list[dict[str, Any]] | None = None
+    winner: str | None = None
+    within_budget: bool = True
+
+
+@dataclass
+class _Texts:
+    calibration: list[list[int]]
+    evaluation: list[list[int]]
+    source: str
+
+
+@dataclass
+class _Job:
+    original: Path
+    work: Path
+    texts: _Texts
+    budget: Budget
+    threads: int
+    progress: Progress
+    cancel: CancelToken | None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def token_sequences(folder: Path, texts: list[str], source: str) -> _Texts:
+    """The dataset's texts as token ids (the folder's own tokenizer), split: even texts calibrate, odd ones
+    measure; a dataset of fewer than four texts serves both."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    encoded = [ids[:MAX_TOKENS_PER_TEXT] for ids in (list(e.ids) for e in tokenizer.encode_batch(texts))
+               if len(ids) > 1]
+    if not encoded:
+        raise InvalidRecipe("the dataset's texts encode to fewer than two tokens each: nothing to measure on")
+    if len(encoded) < 4:
+        return _Texts(encoded, encoded[:MAX_EVAL_SEQUENCES], f"{source} (too few texts to split: all of them)")
+    return _Texts(encoded[::2], encoded[1::2][:MAX_EVAL_SEQUENCES], f"{source} (odd texts; even ones calibrate)")
+
+
+def the_step(recipe: Recipe) -> QuantizeStep:
+    steps = recipe.steps
+    if len(steps) != 1 or not isinstance(steps[0], QuantizeStep) or steps[0].mode not in ("int4", "int8"):
+        raise InvalidRecipe("a generation model is compressed by one step, {\"op\": \"quantize\", \"mode\": "
+                            "\"int4\" | \"int8\"} (weight-only); pruning, distillation and activation quantization "
+                            "of decoder LLMs are not supported")
+    return steps[0]
+
+
+def run_llm_recipe(original: Path, output: Path, recipe: Recipe, texts: _Texts, *, budget: Budget | None,
+                   progress: Progress, cancel: CancelToken | None, threads: int) -> LlmResult:
+    """Quantize the original folder into `output` as the recipe's step says, and measure it."""
+    step = the_step(recipe)
+    job = _Job(original, output.parent / "candidates", texts, budget or Budget(metric="perplexity"), threads,
+               progress, cancel)
+    name, folder, notes = _build(job, step, 0.0, 0.8)
+    report = _report(job, {name: folder}, notes={name: notes})[name]
+    _move(folder, output)
+    return LlmResult(output, report, winner=name, within_budget=report["within_budget"])
+
+
+def search_llm(original: Path, output: Path, texts: _Texts, *, budget: Budget | None, progress: Progress,
+               cancel: CancelToken | None, threads: int) -> LlmResult:
+    """Every INT4 algorithm, measured on the same text and timed side by side; the fastest within budget wins
+    (the most faithful when none is)."""
+    job = _Job(original, output.parent / "candidates", texts, budget or Budget(metric="perplexity"), threads,
+               progress, cancel)
+    folders, notes, failures = {}, {}, []
+    for index, algorithm in enumerate(AUTO_ALGORITHMS):
+        step = QuantizeStep.model_validate({"mode": "int4", "algorithm": algorithm})
+        share = 0.7 / len(AUTO_ALGORITHMS)
+        try:
+            name, folder, step_notes = _build(job, step, index * share, (index + 1) * share)
+        except InvalidRecipe as exc:
+            failures.append({"name": f"int4-{algorithm}", "error": str(exc), "report": None})
+            continue
+        folders[name], notes[name] = folder, step_notes
+    reports = _report(job, folders, notes)
+    candidates = [{"name": name, "recipe": {"steps": [{"op": "quantize", "mode": "int4", "algorithm": name[5:]}]},
+                   "report": report, "error": None} for name, report in reports.items()] + failures
+    within = [name for name, report in reports.items() if report["within_budget"]]
+    if within:
+        winner = max(within, key=lambda n: reports[n]["speed"]["decode_tokens_per_second"])
+    else:
+        winner = min(reports, key=lambda n: reports[n]["fidelity"]["perplexity"])
+    _move(folders[winner], output)
+    return LlmResult(output, {**reports[winner], "search": {"winner": winner, "within_budget": bool(within)}},
+                     candidates=candidates, winner=winner, within_budget=bool(within))
+
+
+def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str, Path, dict[str, Any]]:
+    """The step's variant folder with its LM head and accuracy level chosen; (name, folder, notes)."""
+    bits = 4 if step.mode == "int4" else 8
+    algorithm = step.algorithm or "rtn"
+    name = f"int{bits}-{algorithm}"
+    job.progress(start, f"{name}: quantizing weights")
+    _check(job)
+    body = quantize_body(job.original, bits=bits, algorithm=algorithm, block_size=step.block_size,
+                         calibration=job.texts.calibration, threads=job.threads)
+    _check(job)
+    notes: dict[str, Any] = {}
+    folder, notes["quantization"] = _head(job, body, step, name, bits, notes)
+    job.progress(start + (end - start) * 0.7, f"{name}: choosing the accuracy level")
+    if bits == 4:
+        notes["accuracy_level"] = _accuracy_level(job, folder, step, name)
+    return name, folder, notes
+
+
+def _head(job: _Job, body: QuantizedBody, step: QuantizeStep, name: str, bits: int,
+          notes: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    fixed = {"quantize": bits, "int8": 8, "float": None}
+    if step.lm_head != "auto" or bits == 8:
+        head_bits = bits if bits == 8 else fixed[step.lm_head]
+        folder = job.work / name
+        return folder, write_variant(body, job.original, folder, head_bits=head_bits)
+    low, high = job.work / f"{name}.head{bits}", job.work / f"{name}.head8"
+    low_notes = write_variant(body, job.original, low, head_bits=bits)
+    high_notes = write_variant(body, job.original, high, head_bits=8)
+    scores = evaluate.score(job.original, {"low": low, "high": high}, job.texts.evaluation, threads=job.threads)
+    low_ppl, high_ppl = scores.report("low")["perplexity"], scores.report("high")["perplexity"]
+    base = scores.report("low")["original_perplexity"]
+    keep_high = (low_ppl - high_ppl) >= _HEAD_GAIN * max(low_ppl - base, 0.0) and high_ppl < low_ppl
+    notes["lm_head"] = {"chosen": "int8" if keep_high else f"int{bits}",
+                        "perplexity": {f"int{bits}": low_ppl, "int8": high_ppl}, "original_perplexity": base}
+    shutil.rmtree(low if keep_high else high, ignore_errors=True)
+    return (high, high_notes) if keep_high else (low, low_notes)
+
+
+def _accuracy_level(job: _Job, folder: Path, step: QuantizeStep, name: str) -> dict[str, Any]:
+    if step.accuracy_level != "auto":
+        set_accuracy_level(folder, int(step.accuracy_level))
+        return {"chosen": step.accuracy_level, "measured": False}
+    exact = folder.parent / f"{name}.level1"
+    _link_copy(folder, exact)
+    set_accuracy_level(exact, 1)
+    set_accuracy_level(folder, 4)
+    prompt = job.texts.evaluation[0]
+    timings = evaluate.speed({"1": exact, "4": folder}, prompt, threads=job.threads)
+    scores = evaluate.score(job.original, {"1": exact, "4": folder}, job.texts.evaluation[:8], threads=job.threads)
+    rate = {level: timings[level]["decode_tokens_per_second"] for level in ("1", "4")}
+    agreement = {level: scores.report(level)["token_agreement"] for level in ("1", "4")}
+    keep_int8 = rate["4"] >= rate["1"] * (1 + _LEVEL_MIN_GAIN) and \
+        agreement["4"] >= agreement["1"] - _LEVEL_AGREEMENT_SLACK
+    if not keep_int8:
+        shutil.rmtree(folder)
+        os.replace(exact, folder)
+    else:
+        shutil.rmtree(exact)
+    return {"chosen": 4 if keep_int8 else 1, "decode_tokens_per_second": rate, "token_agreement": agreement,
+            "measured_on": "8 held-out texts"}
+
+
+def _report(job: _Job, folders: dict[str, Path], notes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    job.progress(0.8, "measuring perplexity, agreement and KL divergence")
+    _check(job)
+    scores = evaluate.score(job.original, folders, job.texts.evaluation, threads=job.threads)
+    job.progress(0.9, "timing generation")
+    _check(job)
+    timings = evaluate.speed({"original": job.original, **folders}, job.texts.evaluation[0], threads=job.threads)
+    original_size = _size(job.original)
+    reports = {}
+    for name, folder in folders.items():
+        fidelity = {**scores.report(name), "data": job.texts.source}
+        increase = fidelity["perplexity"] / fidelity["original_perplexity"] - 1
+        fidelity["perplexity_increase"] = round(increase, 6)
+        size = _size(folder)
+        speed = {"decode_tokens_per_second": timings[name]["decode_tokens_per_second"],
+                 "original_decode_tokens_per_second": timings["original"]["decode_tokens_per_second"],
+                 "time_to_first_token_ms": timings[name]["time_to_first_token_ms"],
+                 "original_time_to_first_token_ms": timings["original"]["time_to_first_token_ms"],
+                 "prompt_tokens": evaluate.PROMPT_TOKENS, "decode_tokens": evaluate.DECODE_TOKENS}
+        reports[name] = {
+            "size_bytes": size, "size_ratio": round(size / original_size, 4),
+            "speedup": round(speed["decode_tokens_per_second"] / max(speed["original_decode_tokens_per_second"],
+                                                                     1e-9), 3),
+            "speed": speed, "fidelity": fidelity, "notes": notes.get(name, {}), "threads": job.threads,
+            "budget": job.budget.model_dump(),
+            "within_budget": bool(increase <= job.budget.max_increase + 1e-9),
+            "original": {"size_bytes": original_size},
+        }
+    return reports
+
+
+def _size(folder: Path) -> int:
+    decoder = genai_config(folder)["model"]["decoder"]["filename"]
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(decoder))
+
+
+def _link_copy(source: Path, target: Path) -> None:
+    """A copy whose weights file is a hard link: only the graph is rewritten there."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name.endswith(".data"):
+            os.link(path, target / path.name)
+        else:
+            shutil.copy2(path, target / path.name)
+
+
+def _move(folder: Path, output: Path) -> None:
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(folder, output)
+    shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _check(job: _Job) -> None:
+    if job.cancel is not None:
+        job.cancel.check()
