@@ -302,6 +302,9 @@ def _fidelity(report: dict[str, Any]) -> str:
         return f"accuracy {fidelity['accuracy']:.4f} (original {fidelity['original_accuracy']:.4f})"
     if fidelity.get("agreement") is not None:
         return f"agreement {fidelity['agreement']:.4f}"
+    if fidelity.get("perplexity") is not None:
+        return (f"perplexity {fidelity['perplexity']:.3f} (original {fidelity['original_perplexity']:.3f}), "
+                f"token agreement {fidelity['token_agreement']:.4f}")
     return f"cosine {fidelity['cosine_mean']:.4f}"
 
 

@@ -24,6 +24,7 @@ from app.errors import (
     InvalidInput,
     ModelNotFound,
     NotFound,
+    UnsupportedFormat,
     VariantNotFound,
 )
 from app.formats import archives, huggingface, torch_archive
@@ -115,6 +116,7 @@ class ModelService:
             return self._create_from_archive(name, model, model_label, samples, after_conversion, task)
         if task is not None:
             raise InvalidContent("'task' applies to Hugging Face folders (an archive with config.json)")
+        _refuse_gguf(model.temp.path, model_label)
         archive = torch_archive.sniff(model.temp.path, model.filename, model_label)
         if archive is not None:
             return self._create_converting(name, model, model_label, archive, samples, input_shapes,
@@ -460,6 +462,17 @@ class ModelService:
                         self._store.remove_folder(sha, suffix)
                     else:
                         self._store.remove(sha, suffix)
+
+
+def _refuse_gguf(path: Path, label: str) -> None:
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            return
+    raise UnsupportedFormat(
+        f"{label} is a GGUF file (llama.cpp's format), which SlimServe does not convert: its weights are usually "
+        "already quantized by llama.cpp, and dequantizing them gives neither the original to measure against nor "
+        "a better INT4. Upload the Hugging Face folder it was made from (save_pretrained, zipped): SlimServe "
+        "converts it and quantizes it to INT4 itself, measured against the original", code="gguf_not_supported")
 
 
 def _is_npz(path: Path) -> bool:

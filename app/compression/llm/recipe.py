@@ -208,11 +208,16 @@ def _report(job: _Job, folders: dict[str, Path], notes: dict[str, dict[str, Any]
                  "time_to_first_token_ms": timings[name]["time_to_first_token_ms"],
                  "original_time_to_first_token_ms": timings["original"]["time_to_first_token_ms"],
                  "prompt_tokens": evaluate.PROMPT_TOKENS, "decode_tokens": evaluate.DECODE_TOKENS}
+        decode_speedup = round(speed["decode_tokens_per_second"] / max(speed["original_decode_tokens_per_second"],
+                                                                       1e-9), 3)
+        # The Report's shape for every model; what applies to tensor models only is null here.
         reports[name] = {
-            "size_bytes": size, "size_ratio": round(size / original_size, 4),
-            "speedup": round(speed["decode_tokens_per_second"] / max(speed["original_decode_tokens_per_second"],
-                                                                     1e-9), 3),
-            "speed": speed, "fidelity": fidelity, "notes": notes.get(name, {}), "threads": job.threads,
+            "size_bytes": size, "size_ratio": round(size / original_size, 4), "gzip_bytes": None,
+            "parameters": None, "nonzero_parameters": None, "latency_ms": None,
+            "speedup": {"batch_1": decode_speedup, "batch_n": None, "decode": decode_speedup},
+            "speed": speed, "fidelity": {"samples": len(job.texts.evaluation), "agreement": None, "accuracy": None,
+                                         "original_accuracy": None, "cosine_mean": None, **fidelity},
+            "notes": notes.get(name, {}), "threads": job.threads,
             "budget": job.budget.model_dump(),
             "within_budget": bool(increase <= job.budget.max_increase + 1e-9),
             "original": {"size_bytes": original_size},
