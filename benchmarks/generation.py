@@ -74,29 +74,25 @@ def _random_135m(out: Path) -> Path:
 
 def _build_variants(source: Path, work: Path, calibration: list[list[int]] | None,
                     algorithms: tuple[str, ...]) -> dict[str, Path]:
-    """fp32 by the builder; then each INT4 algorithm with the LM head at INT4 and at INT8 (accuracy level 1)."""
+    """fp32 by the builder; then each INT4 algorithm with the LM head at INT4 and at INT8, and INT8 (RTN), each at
+    MatMulNBits accuracy levels 1 (float32 compute) and 4 (int8 activations); embeddings at the body's bits."""
     fp32 = work / "fp32"
     if not (fp32 / "genai_config.json").is_file():
         shutil.rmtree(fp32, ignore_errors=True)
         run_builder(source, fp32, precision="fp32", label=source.name)
     folders = {"fp32": fp32}
-    for algorithm in algorithms:
-        started = time.perf_counter()
-        body = quantize_body(fp32, bits=4, algorithm=algorithm, block_size=32, calibration=calibration,
+    bodies = [(f"int4-{a}", 4, a) for a in algorithms] + ([("int8-rtn", 8, "rtn")] if algorithms else [])
+    for prefix, bits, algorithm in bodies:
+        body = quantize_body(fp32, bits=bits, algorithm=algorithm, block_size=32, calibration=calibration,
                              threads=THREADS)
-        seconds = time.perf_counter() - started
-        for head in (4, 8):
-            folder = work / f"int4-{algorithm}-head{head}"
-            shutil.rmtree(folder, ignore_errors=True)
-            write_variant(body, fp32, folder, head_bits=head)
-            set_accuracy_level(folder, 1)
-            (folder / "quantize_seconds").write_text(f"{seconds:.1f}")
-            folders[folder.name] = folder
-    int8 = work / "int8-rtn"
-    shutil.rmtree(int8, ignore_errors=True)
-    write_variant(quantize_body(fp32, bits=8, algorithm="rtn", block_size=32, calibration=None), fp32, int8,
-                  head_bits=8)
-    folders["int8-rtn"] = int8
+        for head in ((4, 8) if bits == 4 else (8,)):
+            for level in (1, 4):
+                name = f"{prefix}-head{head}-L{level}" if bits == 4 else f"{prefix}-L{level}"
+                folder = work / name
+                shutil.rmtree(folder, ignore_errors=True)
+                write_variant(body, fp32, folder, head_bits=head)
+                set_accuracy_level(folder, level)
+                folders[name] = folder
     return folders
 
 
@@ -123,7 +119,8 @@ def fidelity_section(work: Path) -> str:
         f"steps, held-out perplexity {training['heldout_perplexity']:.2f} in torch), {len(evaluation)} held-out "
         f"sequences of up to 256 tokens ({scores.original.positions} positions), block size 32, {THREADS} "
         "threads. GPTQ calibrated on 32 training sequences. Decode speed: 64 tokens after a 128-token prompt, "
-        "median of 3, all variants timed in alternation.", "",
+        "median of 3, all variants timed in alternation. `headN`: the LM head at N bits; `L1`/`L4`: "
+        "MatMulNBits accuracy level 1 (float32 compute) or 4 (int8 activations).", "",
         "| variant | size × | perplexity | increase | token agreement | KL | decode tok/s | speed × | TTFT ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -145,12 +142,7 @@ def speed_section(work: Path) -> str:
     source = _random_135m(work / "random-135m-hf")
     folders = _build_variants(source, work / "random-135m", None, ("rtn", "k_quant"))
     prompt = list(range(5, 5 + evaluate.PROMPT_TOKENS))
-    chosen = {name: folders[name] for name in ("fp32", "int4-rtn-head8", "int4-k_quant-head8", "int8-rtn")}
-    level4 = work / "random-135m" / "int4-rtn-head8-level4"
-    shutil.rmtree(level4, ignore_errors=True)
-    shutil.copytree(folders["int4-rtn-head8"], level4)
-    set_accuracy_level(level4, 4)
-    chosen["int4-rtn-head8 (accuracy level 4)"] = level4
+    chosen = folders
     timings = evaluate.speed(chosen, prompt, threads=THREADS)
     base = timings["fp32"]["decode_tokens_per_second"]
     lines = [f"Random-weight SmolLM-135M shape (135M parameters), {THREADS} threads, batch 1, 64 tokens after a "
@@ -192,7 +184,7 @@ def server_section(work: Path) -> str:
         httpx.post(f"{server.url}/models/smol/datasets", data={"name": "text"},
                    files={"file": ("text.jsonl", dataset)}, timeout=120)
         job = httpx.post(f"{server.url}/models/smol/compressions", timeout=60, json={
-            "recipe": {"steps": [{"op": "quantize", "mode": "int4", "algorithm": "rtn", "accuracy_level": 1,
+            "recipe": {"steps": [{"op": "quantize", "mode": "int4", "algorithm": "rtn", "accuracy_level": 4,
                                   "lm_head": "int8"}]}, "dataset": "text", "variant": "int4"}).json()
         with httpx.Client(base_url=server.url, timeout=30) as client:
             done = wait_for_job(client, job["id"], timeout=3600)
@@ -211,14 +203,63 @@ def server_section(work: Path) -> str:
         server.stop()
 
 
-def llama_cpp_section(work: Path, python: str | None) -> str:
-    if python is None:
-        return ("llama.cpp was not measured in this run: pass `--llama-cpp <python of a venv with "
-                "llama-cpp-python and gguf>`.")
-    script = REPO / "benchmarks" / "llama_cpp_side.py"
-    result = subprocess.run([python, str(script), str(work), str(THREADS)], capture_output=True, text=True,
-                            check=False, timeout=3600)
-    return result.stdout.strip() or f"llama.cpp side failed: {result.stderr.strip()[-600:]}"
+# llama.cpp's converter, with our tokenizer taken as GPT-2's: it is byte-level BPE with GPT-2's pre-tokenizer,
+# but the converter knows tokenizers by the hash of their output on a test text, and ours is new to it (and it
+# tries sentencepiece first, which this environment does not have).
+_CONVERT = """
+import sys
+source, folder, out = sys.argv[1:4]
+sys.path[:0] = [source, source + "/gguf-py"]
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f32"]
+import convert_hf_to_gguf
+from conversion import base
+def no_sentencepiece(self, add_to_gguf=True):
+    raise FileNotFoundError("no tokenizer.model")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+convert_hf_to_gguf.main()
+"""
+
+
+def llama_cpp_section(work: Path, python: str | None, source: Path | None) -> str:
+    """Decode speed beside llama.cpp on the same weights: its F32 GGUF and Q4_0 against our fp32 and INT4."""
+    if python is None or source is None:
+        return ("llama.cpp was not measured in this run: pass `--llama-cpp <python of a venv with llama-cpp-python>` "
+                "and `--llama-cpp-src <llama.cpp source folder with convert_hf_to_gguf.py>`.")
+    side = REPO / "benchmarks" / "llama_cpp_side.py"
+    lines = [f"Same weights, {THREADS} threads, batch 1, greedy, 64 tokens after a 128-token prompt, median of 3. "
+             "llama.cpp: its converter (`convert_hf_to_gguf.py --outtype f32`) and quantizer (`Q4_0`, whose default "
+             "mix keeps the output tensor at higher precision); SlimServe: INT4 RTN, block 32, LM head INT8, "
+             "accuracy level 4 (the closest mix). Each side in its own process, one after the other.", "",
+             "| model | SlimServe fp32 tok/s | llama.cpp F32 tok/s | SlimServe INT4 tok/s | llama.cpp Q4_0 tok/s | "
+             "INT4 ÷ Q4_0 | TTFT ms INT4 / Q4_0 | size MB INT4 / Q4_0 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    models = {"trained LM (3.4M)": (REPO / "var" / "llm-trained", work / "trained"),
+              "SmolLM-135M shape": (_random_135m(work / "random-135m-hf"), work / "random-135m")}
+    version = "?"
+    for label, (hf_folder, built) in models.items():
+        folders = _build_variants(hf_folder, built, None, ("rtn",)) \
+            if not (built / "int4-rtn-head8-L4").is_dir() else {"fp32": built / "fp32",
+                                                                 "int4-rtn-head8-L4": built / "int4-rtn-head8-L4"}
+        gguf = work / f"{hf_folder.name}.f32.gguf"
+        if not gguf.is_file():
+            subprocess.run([sys.executable, "-c", _CONVERT, str(source), str(hf_folder), str(gguf)], check=True,
+                           capture_output=True, timeout=1800)
+        done = subprocess.run([python, str(side), str(gguf), str(THREADS)], capture_output=True, text=True,
+                              check=False, timeout=3600)
+        if done.returncode != 0:
+            lines.append(f"| {label} | llama.cpp failed: {done.stderr.strip()[-300:]} |")
+            continue
+        theirs = json.loads(done.stdout.strip().splitlines()[-1])
+        version = theirs["llama_cpp_python"]
+        ours = evaluate.speed({"fp32": folders["fp32"], "int4": folders["int4-rtn-head8-L4"]},
+                              list(range(5, 5 + evaluate.PROMPT_TOKENS)), threads=THREADS)
+        int4, q4 = ours["int4"]["decode_tokens_per_second"], theirs["q4_0"]["decode_tokens_per_second"]
+        lines.append(f"| {label} | {ours['fp32']['decode_tokens_per_second']:.0f} | "
+                     f"{theirs['f32']['decode_tokens_per_second']:.0f} | {int4:.0f} | {q4:.0f} | {int4 / q4:.2f} | "
+                     f"{ours['int4']['time_to_first_token_ms']:.0f} / {theirs['q4_0']['time_to_first_token_ms']:.0f} | "
+                     f"{_size(folders['int4-rtn-head8-L4']) / 1e6:.1f} / {theirs['q4_0']['size_bytes'] / 1e6:.1f} |")
+    lines.append(f"\n(llama-cpp-python {version})")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -226,7 +267,10 @@ def main() -> int:
     parser.add_argument("--write", type=Path)
     parser.add_argument("--section", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "slimserve-generation-bench")
-    parser.add_argument("--llama-cpp", help="python of a virtualenv with llama-cpp-python (and gguf)")
+    parser.add_argument("--llama-cpp", help="python of a virtualenv with llama-cpp-python")
+    parser.add_argument("--llama-cpp-src", type=Path,
+                        help="llama.cpp's source folder (convert_hf_to_gguf.py, gguf-py), e.g. llama-cpp-python's "
+                             "sdist's vendor/llama.cpp")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime-genai " \
@@ -235,7 +279,7 @@ def main() -> int:
         started = time.perf_counter()
         text = {"fidelity": lambda: fidelity_section(args.work), "speed": lambda: speed_section(args.work),
                 "server": lambda: server_section(args.work),
-                "llama-cpp": lambda: llama_cpp_section(args.work, args.llama_cpp)}[section]()
+                "llama-cpp": lambda: llama_cpp_section(args.work, args.llama_cpp, args.llama_cpp_src)}[section]()
         text += f"\n\n({machine}; {time.perf_counter() - started:.0f} s)"
         print(f"## {section}\n{text}\n", flush=True)
         if args.write:

@@ -34,6 +34,9 @@ class QuantizeStep(_Step):
     """Generation models: the LM head (the largest, most output-sensitive MatMul) at the step's precision, at
     INT8, or in float; auto measures INT8 against the step's precision on the dataset and keeps the head at INT8
     when it lowers the perplexity increase by a third or more."""
+    embeddings: Literal["quantize", "float"] = "quantize"
+    """Generation models: the token embedding table in blocks of the step's precision (GatherBlockQuantized, as
+    llama.cpp's Q4_0 does), or kept in float."""
     per_channel: bool | None = None
     """Per-channel weights; None lets the step measure both and keep the more faithful one (dynamic)."""
     calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"

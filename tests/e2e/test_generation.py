@@ -242,8 +242,16 @@ def _metric(url: str, name: str, labels: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def _idle(url: str, model: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(url, "slimserve_active_generations", f'model="{model}"'):
+        time.sleep(0.05)
+    assert _metric(url, "slimserve_active_generations", f'model="{model}"') == 0
+
+
 def test_a_client_that_goes_away_stops_its_generation(server: Server) -> None:
     labels = 'model="llama-long",variant="original"'
+    _idle(server.url, "llama-long")  # nothing else of this model is counted meanwhile
     before = _metric(server.url, "slimserve_generated_tokens_total", labels)
     body = {"model": "llama-long", "prompt": PROMPT, "max_tokens": 4000, "temperature": 1.0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
@@ -254,10 +262,7 @@ def test_a_client_that_goes_away_stops_its_generation(server: Server) -> None:
                 received += 1
                 if received == 2:
                     break
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _metric(server.url, "slimserve_active_generations", 'model="llama-long"'):
-        time.sleep(0.05)
-    assert _metric(server.url, "slimserve_active_generations", 'model="llama-long"') == 0
+    _idle(server.url, "llama-long")
     generated = _metric(server.url, "slimserve_generated_tokens_total", labels) - before
     # 4000 tokens take about 30 s on this model; stopping within a second leaves a few hundred at most
     assert 2 <= generated < 600, generated
@@ -402,6 +407,7 @@ def test_int4_report_measures_perplexity_agreement_and_speed(server: Server, com
     assert report["size_ratio"] < 0.6  # 4-bit blocks against float32
     notes = report["notes"]
     assert notes["quantization"]["algorithm"] == "rtn" and notes["quantization"]["matmuls"].get("float", 0) == 0
+    assert notes["quantization"]["embeddings"] == "int4"
     assert notes["lm_head"]["chosen"] in ("int4", "int8") and set(notes["lm_head"]["perplexity"]) == {"int4", "int8"}
     assert notes["accuracy_level"]["chosen"] in (1, 4) and set(notes["accuracy_level"]["decode_tokens_per_second"]) \
         == {"1", "4"}

@@ -49,7 +49,9 @@ class QuantizedBody:
 
 
 def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
-                  calibration: list[list[int]] | None, threads: int = 1) -> QuantizedBody:
+                  calibration: list[list[int]] | None, threads: int = 1, embeddings: bool = True) -> QuantizedBody:
+    """Every MatMul but the LM head by `algorithm`; at 4 bits and with `embeddings`, the embedding table (a Gather
+    of a constant table) rounded to nearest in blocks of the same size."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if algorithm not in ALGORITHMS:
@@ -60,6 +62,8 @@ def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
         raise InvalidRecipe(f"{algorithm} quantizes to 4 bits in onnxruntime's quantizer; int8 uses rtn")
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node otherwise
     model = onnx.load(str(source / genai_config(source)["model"]["decoder"]["filename"]))
+    if embeddings and bits == 4:
+        _untie_embedding(model)
     head = lm_head(model)
     hidden = _hide_weight(model, head) if head is not None else None
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
@@ -69,6 +73,12 @@ def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
     with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block has scale 0: stored as 0
         quantizer.process()
     quantized = quantizer.model.model
+    if embeddings and bits == 4:  # onnxruntime's GatherBlockQuantized takes 4-bit tables only
+        tables = MatMulNBitsQuantizer(quantized, bits=bits, block_size=block_size, is_symmetric=True,
+                                      op_types_to_quantize=("Gather",))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tables.process()
+        quantized = tables.model.model
     if hidden is not None:
         _restore_weight(quantized, hidden)
     return QuantizedBody(quantized, head, bits, algorithm, block_size)
@@ -102,8 +112,31 @@ def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits:
         else:
             continue
         counts[kind] = counts.get(kind, 0) + 1
+    tables = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized" or (
+        n.op_type == "Gather" and n.input and n.input[0] in weights)]
+    embedding = "float" if not tables or tables[0].op_type == "Gather" else f"int{body.bits}"
     return {"bits": body.bits, "algorithm": body.algorithm, "block_size": body.block_size, "matmuls": counts,
-            "lm_head": "float" if head_bits is None else f"int{head_bits}"}
+            "lm_head": "float" if head_bits is None else f"int{head_bits}", "embeddings": embedding}
+
+
+def _untie_embedding(model: onnx.ModelProto) -> None:
+    """Tied embeddings: the builder gathers from a Transpose of the LM head's weight, so neither can be quantized
+    as a table. Give the Gather its own [vocab, hidden] table (the head's weight, transposed once, here)."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in initializers:
+            continue
+        table = numpy_helper.from_array(numpy_helper.to_array(initializers[source.input[0]]).T.copy(),
+                                        f"{node.name}/table")
+        model.graph.initializer.append(table)
+        node.input[0] = table.name
+        if not any(source.output[0] in other.input for other in model.graph.node):
+            model.graph.node.remove(source)
+        return
 
 
 def _hide_weight(model: onnx.ModelProto, node_name: str) -> str:
