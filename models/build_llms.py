@@ -9,9 +9,8 @@ Python standard library's sources, which every machine with Python has), and for
 Weights are seeded random: these folders test conversion and serving, not fidelity (the trained LM of
 `models/train_llm.py` is for that). Nothing is downloaded.
 
-- `llama`: LlamaForCausalLM with grouped-query attention and a ChatML chat template;
-- `qwen2`: Qwen2ForCausalLM (biased QKV, tied embeddings) with the same template;
-- `llama-plain`: a Llama without any chat template (chat requests to it are refused);
+- `llama`: LlamaForCausalLM with grouped-query attention and no chat template (chat requests to it are refused);
+- `qwen2`: Qwen2ForCausalLM (biased QKV, tied embeddings) with a ChatML chat template;
 - `llama-long`: a larger Llama (15M parameters) with a 4096-token context, slow enough that a test can see a
   generation stop when its client goes away, and that concurrent requests overlap;
 - `llama-square`: a Llama whose vocabulary is as large as its hidden size. onnxruntime-genai 0.18's builder
@@ -77,7 +76,7 @@ def build_tiny(name: str, out: Path) -> Path:
 
     arch = "qwen2" if name.startswith("qwen2") else "llama"
     tokenizer = train_tokenizer(384 if name == "llama-square" else 512, corpus_files(40))
-    if name != "llama-plain":
+    if name != "llama":
         tokenizer.chat_template = CHATML
     if name == "llama-long":
         config = llm_config(arch, len(tokenizer), hidden=384, layers=8, heads=6, kv_heads=3, intermediate=1024,
@@ -102,7 +101,7 @@ def build_tiny(name: str, out: Path) -> Path:
     return target
 
 
-TINY = ("llama", "qwen2", "llama-plain", "llama-long", "llama-square")
+TINY = ("llama", "qwen2", "llama-long", "llama-square")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,9 @@ def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
                                      op_types_to_quantize=("MatMul",),
                                      algo_config=_algorithm(algorithm, bits, block_size, source, calibration,
                                                             threads))
-    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block has scale 0: stored as 0
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        # An all-zero block has scale 0 (stored as 0); HQQ hands torch a read-only view it never writes to.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         quantizer.process()
     quantized = quantizer.model.model
     if embeddings and bits == 4:  # onnxruntime's GatherBlockQuantized takes 4-bit tables only
