@@ -20,25 +20,29 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
+        self._released = ""
+        """The text of ids[prefix:read], already sent: kept so that each token decodes one window, not two."""
 
     def _decode(self, start: int, stop: int | None = None) -> str:
         return str(self._tokenizer.decode(self._ids[start:stop], skip_special_tokens=True))
 
     def add(self, token: int) -> str:
         self._ids.append(token)
-        before = self._decode(self._prefix, self._read)
         now = self._decode(self._prefix)
-        if len(now) <= len(before) or now.endswith(_INCOMPLETE):
+        if len(now) <= len(self._released) or now.endswith(_INCOMPLETE):
             return ""
+        piece = now[len(self._released):]
         self._prefix, self._read = self._read, len(self._ids)
-        return now[len(before):]
+        self._released = self._decode(self._prefix, self._read)
+        return piece
 
     def flush(self) -> str:
         """What is left at the end, incomplete characters included (as a full decode shows them)."""
-        before = self._decode(self._prefix, self._read)
         now = self._decode(self._prefix)
+        piece = now[len(self._released):]
         self._prefix = self._read = len(self._ids)
-        return now[len(before):]
+        self._released = ""
+        return piece
 
 
 class StopText:

@@ -110,6 +110,7 @@ class GenerationService:
         self._open_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._active: dict[str, int] = {}
+        self._templates: dict[tuple[str, str, str], ChatTemplate] = {}
 
     async def entry(self, name: str) -> ModelEntry:
         entry = await self._catalog.get(name)
@@ -150,8 +151,7 @@ class GenerationService:
     def active(self, name: str) -> int:
         return self._active.get(name, 0)
 
-    @staticmethod
-    def _prompt_text(entry: ModelEntry, prompt: Prompt) -> str:
+    def _prompt_text(self, entry: ModelEntry, prompt: Prompt) -> str:
         assert entry.generation is not None
         if prompt.messages is None:
             if not isinstance(prompt.text, str):
@@ -162,8 +162,10 @@ class GenerationService:
             raise InvalidInput(f"model '{entry.name}' has no chat template (its folder has no chat_template.jinja "
                                "and its tokenizer_config.json no 'chat_template'): use /v1/completions with a "
                                "prompt", code="no_chat_template")
-        template = ChatTemplate(source, entry.generation.get("bos_token") or "",
-                                entry.generation.get("eos_token") or "")
+        key = (source, entry.generation.get("bos_token") or "", entry.generation.get("eos_token") or "")
+        template = self._templates.get(key)
+        if template is None:  # compiling a template costs more than rendering it: once per model
+            template = self._templates[key] = ChatTemplate(*key)
         return template.render(check_messages(prompt.messages))
 
     @staticmethod

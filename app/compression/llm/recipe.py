@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app.compression.config import Budget, QuantizeStep, Recipe
-from app.compression.errors import InvalidRecipe
+from app.compression.errors import Cancelled, CompressionError, InvalidRecipe, StepFailed
 from app.compression.llm import evaluate
 from app.compression.llm.forward import genai_config
 from app.compression.llm.quantize import QuantizedBody, quantize_body, set_accuracy_level, write_variant
@@ -112,7 +112,9 @@ def search_llm(original: Path, output: Path, texts: _Texts, *, budget: Budget | 
         share = 0.7 / len(AUTO_ALGORITHMS)
         try:
             name, folder, step_notes = _build(job, step, index * share, (index + 1) * share)
-        except InvalidRecipe as exc:
+        except Cancelled:
+            raise
+        except CompressionError as exc:  # one algorithm that cannot run here does not end the search
             failures.append({"name": f"int4-{algorithm}", "error": str(exc), "report": None})
             continue
         folders[name], notes[name] = folder, step_notes
@@ -136,9 +138,15 @@ def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str
     name = f"int{bits}-{algorithm}"
     job.progress(start, f"{name}: quantizing weights")
     _check(job)
-    body = quantize_body(job.original, bits=bits, algorithm=algorithm, block_size=step.block_size,
-                         calibration=job.texts.calibration, threads=job.threads,
-                         embeddings=step.embeddings == "quantize")
+    try:
+        body = quantize_body(job.original, bits=bits, algorithm=algorithm, block_size=step.block_size,
+                             calibration=job.texts.calibration, threads=job.threads,
+                             embeddings=step.embeddings == "quantize")
+    except CompressionError:
+        raise
+    except Exception as exc:  # onnxruntime's quantizer failing on this model: named, never an internal error
+        raise StepFailed(f"{name}: onnxruntime's MatMulNBits quantizer failed: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
     _check(job)
     notes: dict[str, Any] = {}
     folder, notes["quantization"] = _head(job, body, step, name, bits, notes)
