@@ -27,13 +27,17 @@ class QuantizeStep(_Step):
     op: Literal["quantize"] = "quantize"
     mode: Literal["dynamic", "static", "fp16", "int4", "int8"]
     """`int8` is weight-only INT8 (MatMulNBits, 8 bits) for generation models."""
-    algorithm: Literal["rtn", "k_quant", "gptq", "hqq"] | None = None
-    """Generation models: how weights are rounded to INT4/INT8 (onnxruntime's MatMulNBits quantizer); None: rtn.
-    gptq calibrates on the dataset's text."""
+    algorithm: Literal["rtn", "k_quant", "gptq", "hqq", "gptq_inc"] | None = None
+    """Generation models: how weights are rounded to INT4/INT8; None: rtn. rtn, k_quant, hqq and gptq_inc are
+    onnxruntime's MatMulNBits quantizer; gptq is SlimServe's (the head too), calibrated on the dataset's text."""
     lm_head: Literal["auto", "quantize", "int8", "float"] = "auto"
     """Generation models: the LM head (the largest, most output-sensitive MatMul) at the step's precision, at
     INT8, or in float; auto measures INT8 against the step's precision on the dataset and keeps the head at INT8
     when it lowers the perplexity increase by a third or more."""
+    edge_blocks: Literal["auto", "quantize", "int8"] = "auto"
+    """Generation models, INT4: the first and last decoder blocks at INT4 or INT8; auto measures both on the
+    dataset and keeps INT8 when it lowers the perplexity increase by a third or more (models of three blocks or
+    more)."""
     embeddings: Literal["quantize", "float"] = "quantize"
     """Generation models: the token embedding table in blocks of the step's precision (GatherBlockQuantized, as
     llama.cpp's Q4_0 does), or kept in float."""

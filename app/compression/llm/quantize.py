@@ -9,9 +9,10 @@ itself). Everything but the graph is copied: genai_config.json, the tokenizer, t
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ import numpy as np
 import onnx
 
 from app.compression.errors import InvalidRecipe
+from app.compression.llm import gptq
 from app.compression.llm.forward import DecoderSession, genai_config
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("rtn", "k_quant", "gptq", "hqq")
+ALGORITHMS = ("rtn", "k_quant", "gptq", "hqq", "gptq_inc")
 GPTQ_SEQUENCES = 32
 GPTQ_TOKENS = 256
 
@@ -47,44 +49,96 @@ class QuantizedBody:
     bits: int
     algorithm: str
     block_size: int
+    head_hessian: np.ndarray | None = None
+    """GPTQ's Hessian of the head's input, so that the head is quantized by GPTQ too."""
+    edge_bits: int | None = None
+    """The precision of the first and last decoder blocks where it differs from `bits`."""
 
 
 def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
-                  calibration: list[list[int]] | None, threads: int = 1, embeddings: bool = True) -> QuantizedBody:
-    """Every MatMul but the LM head by `algorithm`; at 4 bits and with `embeddings`, the embedding table (a Gather
-    of a constant table) rounded to nearest in blocks of the same size."""
+                  calibration: list[list[int]] | None, threads: int = 1, embeddings: bool = True,
+                  edge_bits: int | None = None, scratch: Path | None = None,
+                  check: Callable[[], None] | None = None) -> QuantizedBody:
+    """Every MatMul but the LM head by `algorithm`; with `edge_bits`, those of the first and last decoder blocks at
+    that precision instead (GPTQ for gptq, else round to nearest); at 4 bits and with `embeddings`, the embedding
+    table (a Gather of a constant table) rounded to nearest in blocks of the same size."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if algorithm not in ALGORITHMS:
         raise InvalidRecipe(f"unknown algorithm '{algorithm}'; algorithms: {', '.join(ALGORITHMS)}")
-    if algorithm == "gptq" and not calibration:
+    if algorithm.startswith("gptq") and not calibration:
         raise InvalidRecipe("gptq calibrates on text: the job needs a text dataset")
-    if algorithm != "rtn" and bits != 4:
-        raise InvalidRecipe(f"{algorithm} quantizes to 4 bits in onnxruntime's quantizer; int8 uses rtn")
+    if algorithm not in ("rtn", "gptq") and bits != 4:
+        raise InvalidRecipe(f"{algorithm} quantizes to 4 bits in onnxruntime's quantizer; int8 uses rtn or gptq")
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per node otherwise
     model = onnx.load(str(source / genai_config(source)["model"]["decoder"]["filename"]))
     if embeddings and bits == 4:
         _untie_embedding(model)
     head = lm_head(model)
-    hidden = _hide_weight(model, head) if head is not None else None
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     op_types_to_quantize=("MatMul",),
-                                     algo_config=_algorithm(algorithm, bits, block_size, source, calibration,
-                                                            threads))
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        # An all-zero block has scale 0 (stored as 0); HQQ hands torch a read-only view it never writes to.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        quantizer.process()
-    quantized = quantizer.model.model
+    edges = edge_blocks(model) if edge_bits is not None else set()
+    sums: dict[str, np.ndarray] = {}
+    if algorithm == "gptq":
+        assert calibration is not None
+        sums = gptq.calibrate(model, source, calibration, threads=threads, scratch=scratch, check=check)
+    head_node = next((n for n in model.graph.node if n.name == head), None)
+    head_hessian = sums.get(head_node.input[0]) if head_node is not None else None
+    hidden = [_hide_weight(model, name) for name in [head, *sorted(edges)] if name is not None]
+    if algorithm == "gptq":
+        gptq.quantize_model(model, sums, bits=bits, block_size=block_size, check=check)
+        quantized = model
+    else:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         op_types_to_quantize=("MatMul",),
+                                         algo_config=_algorithm(algorithm, bits, block_size, source, calibration,
+                                                                threads))
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            # An all-zero block has scale 0 (stored as 0); HQQ hands torch a read-only view it never writes to.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            quantizer.process()
+        quantized = quantizer.model.model
+    if edges:
+        for name in hidden[1 if head is not None else 0:]:
+            _restore_weight(quantized, name)
+        quantized = _requantize(quantized, edges, edge_bits or bits, block_size, sums)
     if embeddings and bits == 4:  # onnxruntime's GatherBlockQuantized takes 4-bit tables only
         tables = MatMulNBitsQuantizer(quantized, bits=bits, block_size=block_size, is_symmetric=True,
                                       op_types_to_quantize=("Gather",))
         with np.errstate(divide="ignore", invalid="ignore"):
             tables.process()
         quantized = tables.model.model
-    if hidden is not None:
-        _restore_weight(quantized, hidden)
-    return QuantizedBody(quantized, head, bits, algorithm, block_size)
+    if head is not None:
+        _restore_weight(quantized, hidden[0])
+    return QuantizedBody(quantized, head, bits, algorithm, block_size, head_hessian if algorithm == "gptq" else None,
+                         edge_bits=edge_bits if edges else None)
+
+
+def edge_blocks(model: onnx.ModelProto) -> set[str]:
+    """The weighted MatMuls of the first and the last decoder block (the builder names them /model/layers.N/...);
+    none for a model of fewer than three blocks, where they would be the whole body."""
+    layers: dict[int, list[str]] = {}
+    for node in gptq.weighted_matmuls(model):
+        found = re.search(r"/layers\.(\d+)/", node.name)
+        if found:
+            layers.setdefault(int(found.group(1)), []).append(node.name)
+    if len(layers) < 3:
+        return set()
+    return {*layers[min(layers)], *layers[max(layers)]}
+
+
+def _requantize(model: onnx.ModelProto, names: set[str], bits: int, block_size: int,
+                sums: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The named MatMuls at `bits`: by GPTQ when there are Hessians, else rounded to nearest."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if sums:
+        gptq.quantize_model(model, sums, bits=bits, block_size=block_size, only=names)
+        return model
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     nodes_to_include=sorted(names), op_types_to_quantize=("MatMul",))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quantizer.process()
+    result: onnx.ModelProto = quantizer.model.model
+    return result
 
 
 def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits: int | None) -> dict[str, Any]:
@@ -93,7 +147,11 @@ def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits:
 
     model = onnx.ModelProto()
     model.CopyFrom(body.model)
-    if body.head is not None and head_bits is not None:
+    if body.head is not None and head_bits is not None and body.head_hessian is not None:
+        head = next(n for n in model.graph.node if n.name == body.head)
+        gptq.quantize_model(model, {head.input[0]: body.head_hessian}, bits=head_bits, block_size=body.block_size,
+                            only={body.head})
+    elif body.head is not None and head_bits is not None:
         head_quantizer = MatMulNBitsQuantizer(model, bits=head_bits, block_size=body.block_size, is_symmetric=True,
                                               nodes_to_include=[body.head], op_types_to_quantize=("MatMul",))
         head_quantizer.process()
@@ -119,7 +177,8 @@ def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits:
         n.op_type == "Gather" and n.input and n.input[0] in weights)]
     embedding = "float" if not tables or tables[0].op_type == "Gather" else f"int{body.bits}"
     return {"bits": body.bits, "algorithm": body.algorithm, "block_size": body.block_size, "matmuls": counts,
-            "lm_head": "float" if head_bits is None else f"int{head_bits}", "embeddings": embedding}
+            "lm_head": "float" if head_bits is None else f"int{head_bits}", "embeddings": embedding,
+            "edge_blocks": f"int{body.edge_bits or body.bits}"}
 
 
 def _untie_embedding(model: onnx.ModelProto) -> None:

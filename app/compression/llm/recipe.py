@@ -2,10 +2,10 @@
 `auto` search over the INT4 algorithms for the fastest variant within the perplexity budget.
 
 Choices a step leaves to `auto` are made by measurement on the dataset's text, and the notes show every figure:
-the LM head at INT8 or at the step's precision (kept at INT8 when that removes a third or more of the
-perplexity increase), and MatMulNBits' accuracy level (int8 activations kept when at least 5% faster, within
-0.01 of level 1's token agreement and within the perplexity budget: on some models level 4 picks wrong top
-tokens, microsoft/onnxruntime#29849).
+the LM head, and the first and last decoder blocks, at INT8 or at the step's precision (each kept at INT8 when
+that removes a third or more of the perplexity increase), and MatMulNBits' accuracy level (int8 activations
+kept when at least 5% faster, within 0.01 of level 1's token agreement and within the perplexity budget: on some
+models level 4 picks wrong top tokens, microsoft/onnxruntime#29849).
 """
 
 from __future__ import annotations
@@ -17,18 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from app.compression.config import Budget, QuantizeStep, Recipe
 from app.compression.errors import Cancelled, CompressionError, InvalidRecipe, StepFailed
 from app.compression.llm import evaluate
 from app.compression.llm.forward import genai_config
-from app.compression.llm.quantize import QuantizedBody, quantize_body, set_accuracy_level, write_variant
+from app.compression.llm.quantize import (
+    QuantizedBody,
+    edge_blocks,
+    quantize_body,
+    set_accuracy_level,
+    write_variant,
+)
 from app.compression.progress import CancelToken
 
 Progress = Callable[[float, str], None]
 MAX_TOKENS_PER_TEXT = 256
 MAX_EVAL_SEQUENCES = 64
 AUTO_ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
-_HEAD_GAIN = 1 / 3
+_INT8_GAIN = 1 / 3
 _LEVEL_MIN_GAIN = 0.05
 # Level 4's int8 activations cost a little agreement (measured 0.002-0.006 on the trained LM); microsoft/onnxruntime
 # #29849 is about far worse: wrong top tokens across the board. Level 1 can be 20-40x slower (8-bit weights).
@@ -62,6 +70,10 @@ class _Job:
     progress: Progress
     cancel: CancelToken | None
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.cancel is not None:
+            self.cancel.check()
 
 
 def token_sequences(folder: Path, texts: list[str], source: str) -> _Texts:
@@ -141,7 +153,7 @@ def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str
     try:
         body = quantize_body(job.original, bits=bits, algorithm=algorithm, block_size=step.block_size,
                              calibration=job.texts.calibration, threads=job.threads,
-                             embeddings=step.embeddings == "quantize")
+                             embeddings=step.embeddings == "quantize", scratch=job.work, check=job.check)
     except CompressionError:
         raise
     except Exception as exc:  # onnxruntime's quantizer failing on this model: named, never an internal error
@@ -150,6 +162,9 @@ def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str
     _check(job)
     notes: dict[str, Any] = {}
     folder, notes["quantization"] = _head(job, body, step, name, bits, notes)
+    if bits == 4 and step.edge_blocks != "quantize":
+        job.progress(start + (end - start) * 0.5, f"{name}: first and last blocks at INT8")
+        folder, notes["quantization"] = _edges(job, step, name, folder, notes)
     job.progress(start + (end - start) * 0.7, f"{name}: choosing the accuracy level")
     # Measured for 8 bits too: 8-bit MatMulNBits at level 0/1 ran 10-17x slower than at level 4 here.
     notes["accuracy_level"] = _accuracy_level(job, folder, step, name)
@@ -166,14 +181,51 @@ def _head(job: _Job, body: QuantizedBody, step: QuantizeStep, name: str, bits: i
     low, high = job.work / f"{name}.head{bits}", job.work / f"{name}.head8"
     low_notes = write_variant(body, job.original, low, head_bits=bits)
     high_notes = write_variant(body, job.original, high, head_bits=8)
+    keep_high, notes["lm_head"] = _higher_precision_pays(job, low, high, bits)
+    shutil.rmtree(low if keep_high else high, ignore_errors=True)
+    return (high, high_notes) if keep_high else (low, low_notes)
+
+
+def _edges(job: _Job, step: QuantizeStep, name: str, folder: Path,
+           notes: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The first and last decoder blocks at INT8 where the step says so, or where auto measures it pays."""
+    quantization: dict[str, Any] = notes["quantization"]
+    graph = onnx.load(str(job.original / genai_config(job.original)["model"]["decoder"]["filename"]),
+                      load_external_data=False)
+    if not edge_blocks(graph):
+        notes["edge_blocks"] = {"chosen": quantization["edge_blocks"], "measured": False,
+                                "reason": "fewer than three decoder blocks"}
+        return folder, quantization
+    body = quantize_body(job.original, bits=4, algorithm=quantization["algorithm"], block_size=step.block_size,
+                         calibration=job.texts.calibration, threads=job.threads,
+                         embeddings=step.embeddings == "quantize", edge_bits=8, scratch=job.work,
+                         check=job.check)
+    head_bits = {"float": None, "int8": 8, "int4": 4}[quantization["lm_head"]]
+    high = job.work / f"{name}.edges8"
+    high_notes = write_variant(body, job.original, high, head_bits=head_bits)
+    if step.edge_blocks == "int8":
+        notes["edge_blocks"] = {"chosen": "int8", "measured": False}
+        shutil.rmtree(folder)
+        os.replace(high, folder)
+        return folder, high_notes
+    keep_high, notes["edge_blocks"] = _higher_precision_pays(job, folder, high, 4)
+    if keep_high:
+        shutil.rmtree(folder)
+        os.replace(high, folder)
+        return folder, high_notes
+    shutil.rmtree(high)
+    return folder, quantization
+
+
+def _higher_precision_pays(job: _Job, low: Path, high: Path, bits: int) -> tuple[bool, dict[str, Any]]:
+    """Whether the variant with a part at INT8 (`high`) removes a third or more of the perplexity increase of the
+    one with it at `bits`, on the evaluation text; and the figures."""
     scores = evaluate.score(job.original, {"low": low, "high": high}, job.texts.evaluation, threads=job.threads)
     low_ppl, high_ppl = scores.report("low")["perplexity"], scores.report("high")["perplexity"]
     base = scores.report("low")["original_perplexity"]
-    keep_high = (low_ppl - high_ppl) >= _HEAD_GAIN * max(low_ppl - base, 0.0) and high_ppl < low_ppl
-    notes["lm_head"] = {"chosen": "int8" if keep_high else f"int{bits}",
-                        "perplexity": {f"int{bits}": low_ppl, "int8": high_ppl}, "original_perplexity": base}
-    shutil.rmtree(low if keep_high else high, ignore_errors=True)
-    return (high, high_notes) if keep_high else (low, low_notes)
+    keep_high = (low_ppl - high_ppl) >= _INT8_GAIN * max(low_ppl - base, 0.0) and high_ppl < low_ppl
+    return keep_high, {"chosen": "int8" if keep_high else f"int{bits}",
+                       "perplexity": {f"int{bits}": low_ppl, "int8": high_ppl}, "original_perplexity": base}
 
 
 def _accuracy_level(job: _Job, folder: Path, step: QuantizeStep, name: str) -> dict[str, Any]:
@@ -259,5 +311,4 @@ def _move(folder: Path, output: Path) -> None:
 
 
 def _check(job: _Job) -> None:
-    if job.cancel is not None:
-        job.cancel.check()
+    job.check()

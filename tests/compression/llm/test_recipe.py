@@ -82,3 +82,46 @@ def test_a_recipe_of_other_steps_is_refused(fp32: Path, tmp_path: Path) -> None:
         run_llm_recipe(fp32, tmp_path / "v", parse_recipe("int8-dynamic"), texts, budget=None,
                        progress=lambda _f, _s: None, cancel=None, threads=1)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builder's fp32 export of an 8-block Llama: first and last blocks are a quarter of its body."""
+    folder = tmp_path_factory.mktemp("genai-deep") / "fp32"
+    run_builder(llm_folders() / "llama-long", folder, precision="fp32", label="llama-long")
+    return folder
+
+
+def test_edge_blocks_at_int8_as_given_and_by_measurement(deep: Path, tmp_path: Path) -> None:
+    texts = token_sequences(deep, _texts(), "stdlib")
+    fixed = {"op": "quantize", "mode": "int4", "lm_head": "quantize", "accuracy_level": 4}
+    given = run_llm_recipe(deep, tmp_path / "given" / "v", parse_recipe({"steps": [{**fixed, "edge_blocks": "int8"}]}),
+                           texts, budget=None, progress=lambda _f, _s: None, cancel=None, threads=1)
+    assert given.report is not None
+    quantization = given.report["notes"]["quantization"]
+    assert quantization["matmuls"] == {"int8": 2 * 5, "int4": 6 * 5 + 1} and quantization["edge_blocks"] == "int8"
+    measured = run_llm_recipe(deep, tmp_path / "auto" / "v", parse_recipe({"steps": [fixed]}), texts, budget=None,
+                              progress=lambda _f, _s: None, cancel=None, threads=1)
+    assert measured.report is not None
+    edges = measured.report["notes"]["edge_blocks"]
+    low, high, base = edges["perplexity"]["int4"], edges["perplexity"]["int8"], edges["original_perplexity"]
+    assert edges["chosen"] == ("int8" if high < low and low - high >= (low - base) / 3 else "int4")
+    assert measured.report["notes"]["quantization"]["edge_blocks"] == edges["chosen"]
+    assert measured.output is not None
+    DecoderSession(measured.output).logits([5, 6, 7])
+
+
+def test_gptq_is_closer_to_the_original_than_round_to_nearest(deep: Path, tmp_path: Path) -> None:
+    from app.compression.llm import evaluate
+    from app.compression.llm.quantize import write_variant
+
+    texts = token_sequences(deep, _texts(), "stdlib")
+    folders = {}
+    for algorithm in ("rtn", "gptq"):
+        body = quantize_body(deep, bits=4, algorithm=algorithm, block_size=32, calibration=texts.calibration)
+        folders[algorithm] = tmp_path / algorithm
+        notes = write_variant(body, deep, folders[algorithm], head_bits=4)
+        assert notes["matmuls"] == {"int4": 41} and notes["embeddings"] == "int4"
+    scores = evaluate.score(deep, folders, texts.evaluation, threads=1)
+    # held-out texts (calibration used the others): GPTQ's layer-wise error compensation keeps the output closer
+    assert scores.report("gptq")["kl_divergence"] < scores.report("rtn")["kl_divergence"]
