@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -180,19 +181,46 @@ class Metrics:
     def request_buckets(self) -> dict[tuple[str, str], list[float]]:
         """Cumulative request-latency bucket counts per (model, variant), all protocols and processes summed;
         the last entry is +Inf (the request count)."""
-        # Only the one histogram: collecting the whole registry would also run the jobs collector's query.
-        families = _process_files_registry().collect() if _multiprocess() else self.request_duration.collect()
+        return self._histogram_buckets(self.request_duration, "slimserve_request_duration_seconds", LATENCY_BUCKETS)
+
+    def generation_totals(self) -> dict[tuple[str, str], GenerationTotals]:
+        """Per (model, variant), all processes summed: time-to-first-token bucket counts (cumulative, +Inf last),
+        the sum and count of per-request time per output token, and the tokens generated."""
+        ttft = self._histogram_buckets(self.time_to_first_token, "slimserve_time_to_first_token_seconds",
+                                       TOKEN_BUCKETS)
+        totals = {key: GenerationTotals(ttft=counts) for key, counts in ttft.items()}
+        for family in self._families(self.time_per_output_token, self.generated_tokens):
+            for sample in family.samples:
+                key = (sample.labels.get("model", ""), sample.labels.get("variant", ""))
+                entry = totals.setdefault(key, GenerationTotals(ttft=[0.0] * (len(TOKEN_BUCKETS) + 1)))
+                if sample.name == "slimserve_time_per_output_token_seconds_sum":
+                    entry.tpot_sum += sample.value
+                elif sample.name == "slimserve_time_per_output_token_seconds_count":
+                    entry.tpot_count += sample.value
+                elif sample.name == "slimserve_generated_tokens_total":
+                    entry.tokens += sample.value
+        return totals
+
+    def _families(self, *metrics: Any) -> list[Any]:
+        # Only these metrics: collecting the whole registry would also run the jobs collector's query.
+        if _multiprocess():
+            names = {m._name for m in metrics}  # prometheus_client keeps the family name there
+            return [f for f in _process_files_registry().collect() if f.name in names]
+        return [family for metric in metrics for family in metric.collect()]
+
+    def _histogram_buckets(self, histogram: Any, name: str, bounds: tuple[float, ...]
+                           ) -> dict[tuple[str, str], list[float]]:
         totals: dict[tuple[str, str], list[float]] = {}
-        for family in families:
-            if family.name != "slimserve_request_duration_seconds":
+        for family in self._families(histogram):
+            if family.name != name:
                 continue
             for sample in family.samples:
                 if not sample.name.endswith("_bucket"):
                     continue
                 key = (sample.labels["model"], sample.labels["variant"])
                 bound = sample.labels["le"]
-                index = len(LATENCY_BUCKETS) if bound == "+Inf" else LATENCY_BUCKETS.index(float(bound))
-                totals.setdefault(key, [0.0] * (len(LATENCY_BUCKETS) + 1))[index] += sample.value
+                index = len(bounds) if bound == "+Inf" else bounds.index(float(bound))
+                totals.setdefault(key, [0.0] * (len(bounds) + 1))[index] += sample.value
         return totals
 
     def render(self) -> tuple[bytes, str]:
@@ -202,6 +230,14 @@ class Metrics:
                 registry.register(self._jobs)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+@dataclass
+class GenerationTotals:
+    ttft: list[float]
+    tpot_sum: float = 0.0
+    tpot_count: float = 0.0
+    tokens: float = 0.0
 
 
 def _multiprocess() -> bool:

@@ -138,7 +138,9 @@ class LatencyPublic(BaseModel):
     window_seconds: float = Field(description="Requests finished in about this many last seconds (fewer right "
                                               "after a start)", examples=[300.0])
     variants: dict[str, dict[str, float | int | None]] = Field(
-        description="Per variant: requests, p50_ms, p99_ms (null without requests)",
+        description="Per variant: requests, p50_ms, p99_ms (null without requests); generation models also "
+                    "ttft_p50_ms, ttft_p99_ms (time to first token), decode_tokens_per_second (one request's rate, "
+                    "averaged over requests) and generated_tokens",
         examples=[{"original": {"requests": 1200, "p50_ms": 0.41, "p99_ms": 1.9}}])
 
 

@@ -44,3 +44,27 @@ def test_only_requests_inside_the_window_count(monkeypatch: pytest.MonkeyPatch) 
     summary = window.summary("m", 300)["original"]
     assert summary["requests"] == 10 and summary["p99_ms"] is not None and summary["p99_ms"] < 1.0
     assert window.summary("m", 600)["original"]["requests"] == 60
+
+
+def test_generation_variants_get_time_to_first_token_and_decode_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = Metrics()
+    window = LatencyWindow(metrics)
+    clock = [time.monotonic()]
+    monkeypatch.setattr("app.services.latency.time.monotonic", lambda: clock[0])
+    metrics.observe_generation(model="m", variant="original", prompt_tokens=9, completion_tokens=11,
+                               first_token_s=3.0, decode_s=10.0)  # 1 token/s, outside the window below
+    window.snapshot()
+    clock[0] += 400
+    for first, decode in ((0.04, 0.2), (0.06, 0.5)):  # 10 tokens after the first: 50 and 20 tokens/s
+        metrics.observe_generation(model="m", variant="int4", prompt_tokens=5, completion_tokens=11,
+                                   first_token_s=first, decode_s=decode)
+        metrics.observe_success(model="m", variant="int4", protocol="openai", total_s=first + decode, queue_s=0,
+                                infer_s=first + decode)
+    summary = window.summary("m", 300)
+    int4 = summary["int4"]
+    assert int4["requests"] == 2 and int4["generated_tokens"] == 22
+    # mean time per output token (0.02 + 0.05) / 2 = 35 ms: 28.57 tokens/s
+    assert int4["decode_tokens_per_second"] == pytest.approx(2 / 0.07, abs=0.01)
+    assert int4["ttft_p50_ms"] is not None and 25 < int4["ttft_p50_ms"] <= 50  # rank 1 of 2: bucket (25, 50] ms
+    assert summary["original"]["generated_tokens"] == 0 and summary["original"]["decode_tokens_per_second"] is None
+    assert window.summary("m", 600)["original"]["generated_tokens"] == 11
