@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastPath:
         )
         generation_service = GenerationService(
             catalog=catalog, store=store, metrics=metrics, max_generations=settings.max_generations,
-            threads=settings.generation_threads, shadows=shadows)
+            threads=settings.generation_threads, shadows=shadows, capture=capture)
         latency = LatencyWindow(metrics)
         latency_snapshots = Periodic("latency snapshots", SNAPSHOT_SECONDS, latency.snapshot, final_run=False)
         app.state.services = Services(

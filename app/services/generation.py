@@ -17,14 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from app.errors import InvalidContent, InvalidInput, Overloaded, SlimServeError, VariantNotFound
 from app.generation.engine import CANCELLED, Finished, Generation, GenerationModel, Piece
 from app.generation.sampling import SamplingParams
 from app.metrics import Metrics
+from app.services.capture import TrafficCapture
 from app.services.catalog import Catalog, ModelEntry
 from app.services.routing import ShadowTraffic, choose
 from app.storage.artifacts import ArtifactStore
 from app.text.chat import ChatTemplate, check_messages
+from app.text.datasets import TEXT
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,10 @@ class Running:
     """A started generation: its pieces as they come, then its end; counted in the metrics once."""
 
     def __init__(self, service: GenerationService, entry: ModelEntry, variant: str, shadow: str | None,
-                 model: GenerationModel, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                 protocol: str, started: float) -> None:
+                 model: GenerationModel, prompt_text: str, prompt_ids: list[int], params: SamplingParams,
+                 max_tokens: int, protocol: str, started: float) -> None:
         self.model, self.variant = entry.name, variant
+        self._capture_samples, self._prompt_text = entry.capture_samples, prompt_text
         self.prompt_tokens = len(prompt_ids)
         self.max_tokens = max_tokens
         self._service, self._shadow, self._prompt_ids = service, shadow, prompt_ids
@@ -60,8 +65,12 @@ class Running:
             self._service.failed(self.model, self.variant, self._protocol, 500, self._started)
             return
         self._service.finished(self, finished, self._protocol, self._started)
-        if self._shadow is not None and finished.reason != CANCELLED:
+        if finished.reason == CANCELLED:
+            return
+        if self._shadow is not None:
             self._service.shadow(self.model, self._shadow, self._prompt_ids, finished)
+        if self._capture_samples:
+            self._service.capture(self.model, self._capture_samples, self._prompt_text + finished.text)
 
     async def events(self) -> AsyncIterator[Piece | Finished]:
         try:
@@ -99,13 +108,14 @@ async def _watch(disconnected: Disconnected | None, generation: Generation) -> N
 
 class GenerationService:
     def __init__(self, *, catalog: Catalog, store: ArtifactStore, metrics: Metrics, max_generations: int,
-                 threads: int, shadows: ShadowTraffic | None = None) -> None:
+                 threads: int, shadows: ShadowTraffic | None = None, capture: TrafficCapture | None = None) -> None:
         self._catalog = catalog
         self._store = store
         self._metrics = metrics
         self._max_generations = max_generations
         self._threads = threads or os.cpu_count() or 1
         self._shadows = shadows
+        self._capture = capture
         self._models: dict[str, GenerationModel] = {}
         self._open_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -142,7 +152,7 @@ class GenerationService:
             raise
         self._active[name] = active + 1
         self._metrics.active_generations.labels(name).set(self._active[name])
-        return Running(self, entry, chosen, shadow, model, prompt_ids, params, max_tokens, protocol, started)
+        return Running(self, entry, chosen, shadow, model, text, prompt_ids, params, max_tokens, protocol, started)
 
     def release(self, name: str) -> None:
         self._active[name] = max(self._active.get(name, 1) - 1, 0)
@@ -224,6 +234,12 @@ class GenerationService:
     def failed(self, model: str, variant: str, protocol: str, code: int, started: float) -> None:
         self._metrics.observe_failure(model=model, variant=variant, protocol=protocol, code=code,
                                       total_s=time.perf_counter() - started)
+
+    def capture(self, model: str, samples: int, conversation: str) -> None:
+        """Keep the rendered prompt and its answer in the model's traffic sample: the text real users send, for
+        calibrating and measuring variants (the dataset `traffic`, as for tensor models)."""
+        if self._capture is not None:
+            self._capture.offer(model, samples, {TEXT: np.array(conversation, dtype=str)}, 1, batched=False)
 
     def shadow(self, model: str, variant: str, prompt_ids: list[int], answer: Finished) -> None:
         """Score the answered tokens with the shadow variant (teacher-forced greedy agreement), after the answer."""

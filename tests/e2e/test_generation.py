@@ -36,7 +36,8 @@ def folders() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, folders: Path) -> Iterator[Server]:
     started = start_server(tmp_path_factory.mktemp("llm") / "data", SLIMSERVE_EMBEDDED_WORKERS="2",
-                           SLIMSERVE_MAX_GENERATIONS=str(MAX_GENERATIONS), SLIMSERVE_MAX_CONTEXT_TOKENS="8192")
+                           SLIMSERVE_MAX_GENERATIONS=str(MAX_GENERATIONS), SLIMSERVE_MAX_CONTEXT_TOKENS="8192",
+                           SLIMSERVE_CAPTURE_FLUSH_SECONDS="0.5")
     try:
         for name in (*MODELS, "llama-square"):
             assert _upload(started.url, name, folders / name).status_code == 201, name
@@ -307,6 +308,39 @@ def test_generation_metrics(server: Server) -> None:
                  "slimserve_generated_tokens_total", "slimserve_prompt_tokens_total"):
         assert _metric(server.url, name, 'model="qwen2",variant="original"') >= 1, name
     assert 'slimserve_requests_total{code="200",model="qwen2",protocol="openai",variant="original"}' in text
+    latency = httpx.get(f"{server.url}/models/qwen2/latency", params={"minutes": 5}, timeout=10).json()
+    original = latency["variants"]["original"]
+    assert original["generated_tokens"] >= 8 and original["decode_tokens_per_second"] > 0
+    assert original["ttft_p50_ms"] > 0 and original["ttft_p99_ms"] >= original["ttft_p50_ms"]
+
+
+def test_the_dashboard_shows_tokens_per_second_and_time_to_first_token(server: Server) -> None:
+    from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (`make test` installs it with apt)")
+    _complete(server.url, "qwen2", prompt=PROMPT, max_tokens=8, temperature=0)
+
+    async def read_row() -> tuple[list[str], str, str]:
+        from playwright.async_api import async_playwright, expect
+
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(server.url + "/")
+                table = page.get_by_test_id("variants-qwen2")
+                row = table.locator("tr[data-variant=original]")
+                await expect(row.get_by_test_id("tokens-per-second")).not_to_have_text("–", timeout=15_000)
+                headers = await table.locator("th").all_inner_texts()
+                return (headers, await row.get_by_test_id("tokens-per-second").inner_text(),
+                        await row.get_by_test_id("ttft").inner_text())
+            finally:
+                await browser.close()
+
+    headers, rate, ttft = asyncio.run(read_row())
+    assert {"TTFT p50 ms", "tokens/s", "tokens generated"} <= set(headers)
+    assert float(rate) > 0 and float(ttft) > 0
 
 
 def _copy(folders: Path, tmp_path: Path, name: str) -> Path:
@@ -411,6 +445,7 @@ def test_int4_report_measures_perplexity_agreement_and_speed(server: Server, com
     assert notes["quantization"]["algorithm"] == "rtn" and notes["quantization"]["matmuls"].get("float", 0) == 0
     assert notes["quantization"]["embeddings"] == "int4"
     assert notes["lm_head"]["chosen"] in ("int4", "int8") and set(notes["lm_head"]["perplexity"]) == {"int4", "int8"}
+    assert notes["edge_blocks"] == {"chosen": "int4", "measured": False, "reason": "fewer than three decoder blocks"}
     assert notes["accuracy_level"]["chosen"] in (1, 4) and set(notes["accuracy_level"]["decode_tokens_per_second"]) \
         == {"1", "4"}
     assert report["within_budget"] == (fidelity["perplexity_increase"] <= 0.5)
@@ -464,6 +499,36 @@ def test_generation_jobs_refused_with_the_reason(server: Server, compressed: dic
     assert no_data.status_code == 422 and "upload a .txt or .jsonl dataset" in no_data.json()["error"]
     arrays = httpx.post(f"{server.url}/models/qwen2/datasets", files={"file": ("x.npz", b"PK\x03\x04rest")})
     assert arrays.status_code == 422 and "text datasets" in arrays.json()["error"]
+
+
+def test_captured_chat_traffic_calibrates_and_measures_a_variant(server: Server) -> None:
+    from tests.worker.helpers import wait_for_job
+
+    url = server.url
+    assert httpx.put(f"{url}/models/qwen2/capture", json={"samples": 16}, timeout=10).status_code == 200
+    words = Path(__file__).read_text().split()
+    for index in range(8):
+        question = " ".join(words[index * 9:index * 9 + 6])
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "qwen2", "messages": [{"role": "user", "content": question}], "max_tokens": 12, "seed": index})
+        assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 30
+    model = httpx.get(f"{url}/models/qwen2", timeout=10).json()
+    while time.monotonic() < deadline and (model["capture"] or {}).get("seen") != 8:
+        time.sleep(0.2)
+        model = httpx.get(f"{url}/models/qwen2", timeout=10).json()
+    assert model["capture"] == {"samples": 16, "seen": 8}
+    assert next(d for d in model["datasets"] if d["name"] == "traffic")["samples"] == 8
+    job = httpx.post(f"{url}/models/qwen2/compressions", timeout=30, json={
+        "recipe": {"steps": [{"op": "quantize", "mode": "int4", "lm_head": "int8", "accuracy_level": 4}]},
+        "dataset": "traffic", "budget": {"metric": "perplexity", "max_increase": 10}}).json()
+    with httpx.Client(base_url=url, timeout=30) as client:
+        done = wait_for_job(client, job["id"], timeout=300)
+    assert done["state"] == "succeeded", done["error"]
+    fidelity = done["report"]["fidelity"]
+    # the rendered conversations (ChatML markers and all), as the model saw them
+    assert "dataset 'traffic'" in fidelity["data"] and fidelity["positions"] > 8 * 12
+    assert httpx.delete(f"{url}/models/qwen2/capture", timeout=10).json()["enabled"] is False
 
 
 def test_gguf_files_are_refused_with_what_to_do(server: Server) -> None:
