@@ -45,7 +45,8 @@ from app.formats.genai_build import run_builder  # noqa: E402
 from benchmarks.docs_section import write_section  # noqa: E402
 
 THREADS = 2
-ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
+ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq", "gptq_inc")
+EDGES = ("rtn", "gptq")  # also built with the first and last blocks at INT8
 SECTIONS = ("fidelity", "speed", "server", "llama-cpp")
 
 
@@ -73,7 +74,7 @@ def _random_135m(out: Path) -> Path:
 
 
 def _build_variants(source: Path, work: Path, calibration: list[list[int]] | None,
-                    algorithms: tuple[str, ...]) -> dict[str, Path]:
+                    algorithms: tuple[str, ...], *, edges: bool = False) -> dict[str, Path]:
     """fp32 by the builder; then each INT4 algorithm with the LM head at INT4 and at INT8, and INT8 (RTN), each at
     MatMulNBits accuracy levels 1 (float32 compute) and 4 (int8 activations); embeddings at the body's bits."""
     fp32 = work / "fp32"
@@ -81,10 +82,12 @@ def _build_variants(source: Path, work: Path, calibration: list[list[int]] | Non
         shutil.rmtree(fp32, ignore_errors=True)
         run_builder(source, fp32, precision="fp32", label=source.name)
     folders = {"fp32": fp32}
-    bodies = [(f"int4-{a}", 4, a) for a in algorithms] + ([("int8-rtn", 8, "rtn")] if algorithms else [])
-    for prefix, bits, algorithm in bodies:
+    bodies = [(f"int4-{a}", 4, a, None) for a in algorithms] + \
+        [(f"int4-{a}-edges8", 4, a, 8) for a in EDGES if a in algorithms and edges] + \
+        ([("int8-rtn", 8, "rtn", None)] if algorithms else [])
+    for prefix, bits, algorithm, edge_bits in bodies:
         body = quantize_body(fp32, bits=bits, algorithm=algorithm, block_size=32, calibration=calibration,
-                             threads=THREADS)
+                             threads=THREADS, edge_bits=edge_bits)
         for head in ((4, 8) if bits == 4 else (8,)):
             for level in (1, 4):
                 name = f"{prefix}-head{head}-L{level}" if bits == 4 else f"{prefix}-L{level}"
@@ -109,7 +112,7 @@ def fidelity_section(work: Path) -> str:
     evaluation = (split.calibration + split.evaluation)[:64]
     split = token_sequences(folders["fp32"], calibration_texts, "calibration")
     calibration = split.calibration + split.evaluation
-    folders = _build_variants(trained, work / "trained", calibration, ALGORITHMS)
+    folders = _build_variants(trained, work / "trained", calibration, ALGORITHMS, edges=True)
     candidates = {name: folder for name, folder in folders.items() if name != "fp32"}
     scores = evaluate.score(folders["fp32"], candidates, evaluation, threads=THREADS)
     timings = evaluate.speed(folders, evaluation[0], threads=THREADS)
@@ -118,9 +121,11 @@ def fidelity_section(work: Path) -> str:
         f"Trained LM (`models/train_llm.py`: {training['parameters'] / 1e6:.1f}M parameters, {training['steps']} "
         f"steps, held-out perplexity {training['heldout_perplexity']:.2f} in torch), {len(evaluation)} held-out "
         f"sequences of up to 256 tokens ({scores.original.positions} positions), block size 32, {THREADS} "
-        "threads. GPTQ calibrated on 32 training sequences. Decode speed: 64 tokens after a 128-token prompt, "
-        "median of 3, all variants timed in alternation. `headN`: the LM head at N bits; `L1`/`L4`: "
-        "MatMulNBits accuracy level 1 (float32 compute) or 4 (int8 activations).", "",
+        "threads. `gptq` is SlimServe's (`app/compression/llm/gptq.py`, the LM head too), `gptq_inc` onnxruntime's "
+        "(Intel Neural Compressor's), both calibrated on 32 training sequences of 256 tokens. `edges8`: the first "
+        "and last decoder blocks at INT8. Decode speed: 64 tokens after a 128-token prompt, median of 3, all "
+        "variants timed in alternation. `headN`: the LM head at N bits; `L1`/`L4`: MatMulNBits accuracy level 1 "
+        "(float32 compute) or 4 (int8 activations).", "",
         "| variant | size × | perplexity | increase | token agreement | KL | decode tok/s | speed × | TTFT ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -140,7 +145,10 @@ def fidelity_section(work: Path) -> str:
 
 def speed_section(work: Path) -> str:
     source = _random_135m(work / "random-135m-hf")
-    folders = _build_variants(source, work / "random-135m", None, ("rtn", "k_quant"))
+    calibration_texts = _texts(REPO / "var" / "llm-trained.calibration.jsonl")  # the same tokenizer
+    split = token_sequences(REPO / "var" / "llm-trained", calibration_texts, "calibration")
+    folders = _build_variants(source, work / "random-135m", split.calibration + split.evaluation,
+                              ("rtn", "k_quant", "gptq"))
     prompt = list(range(5, 5 + evaluate.PROMPT_TOKENS))
     chosen = folders
     timings = evaluate.speed(chosen, prompt, threads=THREADS)
