@@ -25,6 +25,7 @@ from app.compression.quantize.calibrate import (
     calibration_feeds,
     nonfinite_tensors,
 )
+from app.compression.quantize.cpu import int8_saturates
 from app.compression.quantize.preprocess import preprocess
 from app.compression.quantize.qat import finetune
 from app.compression.quantize.smooth import smooth
@@ -88,6 +89,9 @@ def run_static(model: Path, output: Path, step: QuantizeStep, ctx: StepContext) 
     notes.update({
         "activation_type": "uint8", "weight_type": "int8", "format": "QDQ", "per_channel": quantizer.per_channel,
         "activation_type_reason": "int8 activations run 2x slower than uint8 on this AVX2 CPU (no VNNI)",
+        "reduce_range": int8_saturates(),
+        "reduce_range_reason": "7-bit weights: this CPU's uint8 x int8 kernels (no VNNI) saturate with 8-bit ones"
+        if int8_saturates() else "8-bit weights: this CPU has VNNI",
         "calibration": {"method": quantizer.method, "samples": sum(len(next(iter(f.values()))) for f in feeds),
                         "data": data.source, "tensors_skipped_non_finite": sorted(skip_tensors),
                         "candidates": setups.tried},
@@ -188,7 +192,7 @@ class _Quantizer:
             str(self.pre), str(path), calibration_data_reader=None, calibration_cache_path=str(self.cache),
             calibrate_method=METHODS[self.method], quant_format=QuantFormat.QDQ,
             op_types_to_quantize=self.op_types, nodes_to_exclude=sorted(excluded), per_channel=self.per_channel,
-            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            reduce_range=int8_saturates(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             # transformer-optimized graphs have contrib-op outputs shape inference cannot type
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
