@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "models"))
 
 from app.compression.llm import evaluate  # noqa: E402
+from app.compression.llm.embeddings import with_float_table  # noqa: E402
 from app.compression.llm.quantize import quantize_body, set_accuracy_level, write_variant  # noqa: E402
 from app.compression.llm.recipe import token_sequences  # noqa: E402
 from app.formats.genai_build import run_builder  # noqa: E402
@@ -113,6 +114,11 @@ def fidelity_section(work: Path) -> str:
     split = token_sequences(folders["fp32"], calibration_texts, "calibration")
     calibration = split.calibration + split.evaluation
     folders = _build_variants(trained, work / "trained", calibration, ALGORITHMS, edges=True)
+    for name in ("int4-rtn-head8-L4", "int4-gptq-head8-L4"):  # what the 4-bit embedding table costs
+        target = work / "trained" / f"{name}-float-table"
+        shutil.rmtree(target, ignore_errors=True)
+        if with_float_table(folders[name], folders["fp32"], target):
+            folders[target.name] = target
     candidates = {name: folder for name, folder in folders.items() if name != "fp32"}
     scores = evaluate.score(folders["fp32"], candidates, evaluation, threads=THREADS)
     timings = evaluate.speed(folders, evaluation[0], threads=THREADS)
@@ -123,7 +129,8 @@ def fidelity_section(work: Path) -> str:
         f"sequences of up to 256 tokens ({scores.original.positions} positions), block size 32, {THREADS} "
         "threads. `gptq` is SlimServe's (`app/compression/llm/gptq.py`, the LM head too), `gptq_inc` onnxruntime's "
         "(Intel Neural Compressor's), both calibrated on 32 training sequences of 256 tokens. `edges8`: the first "
-        "and last decoder blocks at INT8. Decode speed: 64 tokens after a 128-token prompt, median of 3, all "
+        "and last decoder blocks at INT8; `float-table`: the embedding table kept in float (else 4-bit). "
+        "Decode speed: 64 tokens after a 128-token prompt, median of 3, all "
         "variants timed in alternation. `headN`: the LM head at N bits; `L1`/`L4`: MatMulNBits accuracy level 1 "
         "(float32 compute) or 4 (int8 activations).", "",
         "| variant | size × | perplexity | increase | token agreement | KL | decode tok/s | speed × | TTFT ms |",

@@ -38,9 +38,10 @@ class QuantizeStep(_Step):
     """Generation models, INT4: the first and last decoder blocks at INT4 or INT8; auto measures both on the
     dataset and keeps INT8 when it lowers the perplexity increase by a third or more (models of three blocks or
     more)."""
-    embeddings: Literal["quantize", "float"] = "quantize"
-    """Generation models: the token embedding table in blocks of the step's precision (GatherBlockQuantized, as
-    llama.cpp's Q4_0 does), or kept in float."""
+    embeddings: Literal["auto", "quantize", "float"] = "auto"
+    """Generation models, INT4: the token embedding table in 4-bit blocks (GatherBlockQuantized, as llama.cpp's
+    Q4_0 does) or kept in float; auto measures both and keeps float when it lowers the perplexity increase by a
+    third or more. INT8 keeps it in float (onnxruntime gathers 4-bit tables only)."""
     per_channel: bool | None = None
     """Per-channel weights; None lets the step measure both and keep the more faithful one (dynamic)."""
     calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"

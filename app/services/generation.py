@@ -122,6 +122,10 @@ class GenerationService:
         self._active: dict[str, int] = {}
         self._templates: dict[tuple[str, str, str], ChatTemplate] = {}
 
+    async def serves(self, name: str) -> bool:
+        """Whether `name` is a generation model (a transport that carries both kinds asks this first)."""
+        return (await self._catalog.get(name)).generation is not None
+
     async def entry(self, name: str) -> ModelEntry:
         entry = await self._catalog.get(name)
         if entry.generation is None:

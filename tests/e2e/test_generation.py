@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.e2e.folders import settled as _settled
@@ -443,7 +444,9 @@ def test_int4_report_measures_perplexity_agreement_and_speed(server: Server, com
     assert report["size_ratio"] < 0.6  # 4-bit blocks against float32
     notes = report["notes"]
     assert notes["quantization"]["algorithm"] == "rtn" and notes["quantization"]["matmuls"].get("float", 0) == 0
-    assert notes["quantization"]["embeddings"] == "int4"
+    table = notes["embeddings"]  # measured: the 4-bit table against the original's float one
+    assert notes["quantization"]["embeddings"] == table["chosen"] in ("int4", "float")
+    assert table["size_bytes"]["float"] > table["size_bytes"]["int4"] and set(table["perplexity"]) == {"int4", "float"}
     assert notes["lm_head"]["chosen"] in ("int4", "int8") and set(notes["lm_head"]["perplexity"]) == {"int4", "int8"}
     assert notes["edge_blocks"] == {"chosen": "int4", "measured": False, "reason": "fewer than three decoder blocks"}
     assert notes["accuracy_level"]["chosen"] in (1, 4) and set(notes["accuracy_level"]["decode_tokens_per_second"]) \
@@ -538,3 +541,61 @@ def test_gguf_files_are_refused_with_what_to_do(server: Server) -> None:
     assert response.status_code == 415 and response.json()["code"] == "gguf_not_supported"
     assert "Hugging Face folder" in response.json()["error"]
     assert httpx.get(f"{server.url}/models/gguf").status_code == 404
+
+
+def _grpc_prompt(text: str) -> Any:
+    import tritonclient.grpc as triton
+
+    prompt = triton.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    return prompt
+
+
+def test_tritonclient_grpc_generates_as_rest_does(server: Server) -> None:
+    import queue
+
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    rest = _complete(server.url, "qwen2", prompt=PROMPT, max_tokens=10, temperature=0).json()["choices"][0]["text"]
+    client = triton.InferenceServerClient(server.grpc_target)
+    try:
+        metadata = client.get_model_metadata("qwen2")
+        assert metadata.platform == "onnxruntime_genai" and [i.name for i in metadata.inputs] == ["text_input"]
+        assert [(o.name, o.datatype) for o in metadata.outputs] == [("text_output", "BYTES")]
+        result = client.infer("qwen2", [_grpc_prompt(PROMPT)], parameters={"max_tokens": 10, "temperature": 0})
+        assert result.as_numpy("text_output")[0].decode() == rest
+        parameters = result.get_response().parameters
+        assert parameters["finish_reason"].string_param == "length"
+        assert parameters["completion_tokens"].int64_param == 10 and parameters["prompt_tokens"].int64_param > 0
+        # streaming, as Triton's decoupled LLM backends do: pieces, then an empty final response
+        answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        client.start_stream(callback=lambda answer, error: answers.put((answer, error)))
+        client.async_stream_infer("qwen2", [_grpc_prompt(PROMPT)], request_id="s1",
+                                  parameters={"max_tokens": 10, "temperature": 0, "stream": True})
+        pieces: list[str] = []
+        while True:
+            answer, error = answers.get(timeout=60)
+            assert error is None, error
+            pieces.append(answer.as_numpy("text_output")[0].decode())
+            final = answer.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+        client.stop_stream()
+        assert "".join(pieces) == rest and len(pieces) > 2 and answer.get_response().id == "s1"
+        # vLLM backend's form: the settings as a JSON input
+        settings = triton.InferInput("sampling_parameters", [1], "BYTES")
+        settings.set_data_from_numpy(np.array([json.dumps({"max_tokens": 10, "temperature": 0}).encode()],
+                                              dtype=object))
+        assert client.infer("qwen2", [_grpc_prompt(PROMPT), settings]).as_numpy("text_output")[0].decode() == rest
+        for inputs, parameters, needle in [
+            ([_grpc_prompt(PROMPT)], {"max_tokens": 0}, "max_tokens"),
+            ([_grpc_prompt(PROMPT)], {"temperature": -1.0}, "temperature"),
+            ([_grpc_prompt(PROMPT)], {"max_tokens": 10 ** 9}, "context"),
+            ([], {}, "text_input"),
+        ]:
+            with pytest.raises(InferenceServerException, match=needle) as refused:
+                client.infer("qwen2", inputs, parameters=parameters)
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        client.close()

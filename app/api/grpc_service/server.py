@@ -31,7 +31,8 @@ async def start(services: Services, server_version: str, is_ready: Callable[[], 
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ])
     servicer = InferenceServicer(inference=services.inference, auth=services.auth, server_version=server_version,
-                                 is_ready=is_ready, public_health=settings.public_health)
+                                 is_ready=is_ready, public_health=settings.public_health,
+                                 generation_service=services.generation)
     server.add_generic_rpc_handlers((servicer.handler(),))
     address = f"{settings.host}:{settings.grpc_port}"
     try:

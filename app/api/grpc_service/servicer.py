@@ -11,9 +11,10 @@ from typing import Any
 import grpc
 
 from app.api.deps import Authenticator
-from app.api.grpc_service import codec
+from app.api.grpc_service import codec, generation
 from app.api.grpc_service import inference_pb2 as pb
 from app.errors import NotFound, SlimServeError
+from app.services.generation import GenerationService
 from app.services.inference import PROTOCOL_GRPC, InferenceService
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ def status_of(error: SlimServeError) -> grpc.StatusCode:
 
 class InferenceServicer:
     def __init__(self, *, inference: InferenceService, auth: Authenticator, server_version: str,
-                 is_ready: Callable[[], bool], public_health: bool) -> None:
+                 is_ready: Callable[[], bool], public_health: bool,
+                 generation_service: GenerationService | None = None) -> None:
         self._inference = inference
+        self._generation = generation_service
         self._auth = auth
         self._version = server_version
         self._is_ready = is_ready
@@ -104,6 +107,10 @@ class InferenceServicer:
     async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._require_key(context)
         try:
+            if await self._generates(request):
+                assert self._generation is not None
+                running, _ = await generation.start(self._generation, request)
+                return await generation.answer(running, request)  # one answer; `stream` needs ModelStreamInfer
             return await self._infer(request)
         except SlimServeError as exc:
             await _abort(context, exc)
@@ -113,14 +120,31 @@ class InferenceServicer:
 
     async def model_stream_infer(self, requests: AsyncIterator[pb.ModelInferRequest],
                                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Triton's streaming RPC: one answer per request, in order; a failed request answers with its error
-        and the stream goes on."""
+        """Triton's streaming RPC: one answer per request, in order (a generation with `stream`: one per piece of
+        text, then a final one); a failed request answers with its error and the stream goes on."""
         await self._require_key(context)
         async for request in requests:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                if not await self._generates(request):
+                    yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                    continue
+                assert self._generation is not None
+                running, streamed = await generation.start(self._generation, request)
+                if not streamed:
+                    yield pb.ModelStreamInferResponse(infer_response=await generation.answer(running, request))
+                    continue
+                async for response in generation.stream(running, request):
+                    yield pb.ModelStreamInferResponse(infer_response=response)
             except SlimServeError as exc:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
+
+    async def _generates(self, request: pb.ModelInferRequest) -> bool:
+        if self._generation is None:
+            return False
+        try:
+            return await self._generation.serves(request.model_name)
+        except SlimServeError:  # an unknown or unready model: the tensor path answers it, and counts it
+            return False
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         started = perf_counter()

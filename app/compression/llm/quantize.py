@@ -156,6 +156,12 @@ def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits:
                                               nodes_to_include=[body.head], op_types_to_quantize=("MatMul",))
         head_quantizer.process()
         model = head_quantizer.model.model
+    save_folder(model, source, output)
+    return describe(model, body, head_bits)
+
+
+def save_folder(model: onnx.ModelProto, source: Path, output: Path) -> None:
+    """`model` as the decoder of `output`, beside a copy of every other file of `source` (config, tokenizer)."""
     filename = genai_config(source)["model"]["decoder"]["filename"]
     output.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
@@ -163,6 +169,10 @@ def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits:
             shutil.copy2(path, output / path.name)
     onnx.save(model, str(output / filename), save_as_external_data=True, all_tensors_to_one_file=True,
               location=f"{filename}.data", size_threshold=1024)
+
+
+def describe(model: onnx.ModelProto, body: QuantizedBody, head_bits: int | None) -> dict[str, Any]:
+    """The notes of a variant: how many MatMuls at which precision, the head's, the table's, the edge blocks'."""
     weights = {t.name for t in model.graph.initializer}
     counts: dict[str, int] = {}
     for node in model.graph.node:

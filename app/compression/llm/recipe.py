@@ -2,8 +2,9 @@
 `auto` search over the INT4 algorithms for the fastest variant within the perplexity budget.
 
 Choices a step leaves to `auto` are made by measurement on the dataset's text, and the notes show every figure:
-the LM head, and the first and last decoder blocks, at INT8 or at the step's precision (each kept at INT8 when
-that removes a third or more of the perplexity increase), and MatMulNBits' accuracy level (int8 activations
+the LM head, and the first and last decoder blocks, at INT8 or at the step's precision, and the embedding table
+at 4 bits or in float (each kept at the higher precision when that removes a third or more of the perplexity
+increase), and MatMulNBits' accuracy level (int8 activations
 kept when at least 5% faster, within 0.01 of level 1's token agreement and within the perplexity budget: on some
 models level 4 picks wrong top tokens, microsoft/onnxruntime#29849).
 """
@@ -22,6 +23,7 @@ import onnx
 from app.compression.config import Budget, QuantizeStep, Recipe
 from app.compression.errors import Cancelled, CompressionError, InvalidRecipe, StepFailed
 from app.compression.llm import evaluate
+from app.compression.llm.embeddings import with_float_table
 from app.compression.llm.forward import genai_config
 from app.compression.llm.quantize import (
     QuantizedBody,
@@ -153,7 +155,7 @@ def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str
     try:
         body = quantize_body(job.original, bits=bits, algorithm=algorithm, block_size=step.block_size,
                              calibration=job.texts.calibration, threads=job.threads,
-                             embeddings=step.embeddings == "quantize", scratch=job.work, check=job.check)
+                             embeddings=step.embeddings != "float", scratch=job.work, check=job.check)
     except CompressionError:
         raise
     except Exception as exc:  # onnxruntime's quantizer failing on this model: named, never an internal error
@@ -165,6 +167,9 @@ def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str
     if bits == 4 and step.edge_blocks != "quantize":
         job.progress(start + (end - start) * 0.5, f"{name}: first and last blocks at INT8")
         folder, notes["quantization"] = _edges(job, step, name, folder, notes)
+    if step.embeddings == "auto" and notes["quantization"]["embeddings"] != "float":
+        job.progress(start + (end - start) * 0.6, f"{name}: the embedding table in float")
+        notes["embeddings"] = _embeddings(job, name, folder, notes["quantization"])
     job.progress(start + (end - start) * 0.7, f"{name}: choosing the accuracy level")
     # Measured for 8 bits too: 8-bit MatMulNBits at level 0/1 ran 10-17x slower than at level 4 here.
     notes["accuracy_level"] = _accuracy_level(job, folder, step, name)
@@ -198,7 +203,7 @@ def _edges(job: _Job, step: QuantizeStep, name: str, folder: Path,
         return folder, quantization
     body = quantize_body(job.original, bits=4, algorithm=quantization["algorithm"], block_size=step.block_size,
                          calibration=job.texts.calibration, threads=job.threads,
-                         embeddings=step.embeddings == "quantize", edge_bits=8, scratch=job.work,
+                         embeddings=step.embeddings != "float", edge_bits=8, scratch=job.work,
                          check=job.check)
     head_bits = {"float": None, "int8": 8, "int4": 4}[quantization["lm_head"]]
     high = job.work / f"{name}.edges8"
@@ -217,15 +222,32 @@ def _edges(job: _Job, step: QuantizeStep, name: str, folder: Path,
     return folder, quantization
 
 
-def _higher_precision_pays(job: _Job, low: Path, high: Path, bits: int) -> tuple[bool, dict[str, Any]]:
-    """Whether the variant with a part at INT8 (`high`) removes a third or more of the perplexity increase of the
-    one with it at `bits`, on the evaluation text; and the figures."""
+def _embeddings(job: _Job, name: str, folder: Path, quantization: dict[str, Any]) -> dict[str, Any]:
+    """The embedding table back in float where that removes a third of the perplexity increase (in place)."""
+    high = job.work / f"{name}.float-table"
+    if not with_float_table(folder, job.original, high):
+        return {"chosen": quantization["embeddings"], "measured": False, "reason": "no quantized table"}
+    keep_float, figures = _higher_precision_pays(job, folder, high, 4, higher="float")
+    figures["size_bytes"] = {"int4": _size(folder), "float": _size(high)}
+    if keep_float:
+        shutil.rmtree(folder)
+        os.replace(high, folder)
+        quantization["embeddings"] = "float"
+    else:
+        shutil.rmtree(high)
+    return figures
+
+
+def _higher_precision_pays(job: _Job, low: Path, high: Path, bits: int, *,
+                           higher: str = "int8") -> tuple[bool, dict[str, Any]]:
+    """Whether the variant with a part at higher precision (`high`) removes a third or more of the perplexity
+    increase of the one with it at `bits`, on the evaluation text; and the figures."""
     scores = evaluate.score(job.original, {"low": low, "high": high}, job.texts.evaluation, threads=job.threads)
     low_ppl, high_ppl = scores.report("low")["perplexity"], scores.report("high")["perplexity"]
     base = scores.report("low")["original_perplexity"]
     keep_high = (low_ppl - high_ppl) >= _INT8_GAIN * max(low_ppl - base, 0.0) and high_ppl < low_ppl
-    return keep_high, {"chosen": "int8" if keep_high else f"int{bits}",
-                       "perplexity": {f"int{bits}": low_ppl, "int8": high_ppl}, "original_perplexity": base}
+    return keep_high, {"chosen": higher if keep_high else f"int{bits}",
+                       "perplexity": {f"int{bits}": low_ppl, higher: high_ppl}, "original_perplexity": base}
 
 
 def _accuracy_level(job: _Job, folder: Path, step: QuantizeStep, name: str) -> dict[str, Any]:

@@ -46,7 +46,9 @@ def test_auto_builds_every_algorithm_and_keeps_the_fastest_within_budget(fp32: P
     assert result.winner == max(within, key=lambda n: reports[n]["speed"]["decode_tokens_per_second"])
     for report in reports.values():
         assert report["fidelity"]["original_perplexity"] == reports["int4-rtn"]["fidelity"]["original_perplexity"]
-        assert report["size_ratio"] < 0.6 and report["notes"]["quantization"]["embeddings"] == "int4"
+        table = report["notes"]["quantization"]["embeddings"]
+        assert report["notes"]["embeddings"]["chosen"] == table and report["size_ratio"] < (0.6 if table == "int4"
+                                                                                              else 1.0)
     assert any("gptq" in stage for stage in stages)
     DecoderSession(result.output).logits([5, 6, 7])  # the kept folder loads and runs
     assert not (tmp_path / "out" / "candidates").exists()  # the others were removed
@@ -95,7 +97,8 @@ def deep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_edge_blocks_at_int8_as_given_and_by_measurement(deep: Path, tmp_path: Path) -> None:
     texts = token_sequences(deep, _texts(), "stdlib")
     fixed = {"op": "quantize", "mode": "int4", "lm_head": "quantize", "accuracy_level": 4}
-    given = run_llm_recipe(deep, tmp_path / "given" / "v", parse_recipe({"steps": [{**fixed, "edge_blocks": "int8"}]}),
+    given = run_llm_recipe(deep, tmp_path / "given" / "v",
+                           parse_recipe({"steps": [{**fixed, "edge_blocks": "int8", "embeddings": "quantize"}]}),
                            texts, budget=None, progress=lambda _f, _s: None, cancel=None, threads=1)
     assert given.report is not None
     quantization = given.report["notes"]["quantization"]
@@ -107,6 +110,10 @@ def test_edge_blocks_at_int8_as_given_and_by_measurement(deep: Path, tmp_path: P
     low, high, base = edges["perplexity"]["int4"], edges["perplexity"]["int8"], edges["original_perplexity"]
     assert edges["chosen"] == ("int8" if high < low and low - high >= (low - base) / 3 else "int4")
     assert measured.report["notes"]["quantization"]["edge_blocks"] == edges["chosen"]
+    table = measured.report["notes"]["embeddings"]
+    low, high, base = table["perplexity"]["int4"], table["perplexity"]["float"], table["original_perplexity"]
+    assert table["chosen"] == ("float" if high < low and low - high >= (low - base) / 3 else "int4")
+    assert measured.report["notes"]["quantization"]["embeddings"] == table["chosen"]
     assert measured.output is not None
     DecoderSession(measured.output).logits([5, 6, 7])
 
