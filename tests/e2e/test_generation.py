@@ -570,7 +570,7 @@ def test_tritonclient_grpc_generates_as_rest_does(server: Server) -> None:
         assert parameters["completion_tokens"].int64_param == 10 and parameters["prompt_tokens"].int64_param > 0
         # streaming, as Triton's decoupled LLM backends do: pieces, then an empty final response
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        client.start_stream(callback=lambda answer, error: answers.put((answer, error)))
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
         client.async_stream_infer("qwen2", [_grpc_prompt(PROMPT)], request_id="s1",
                                   parameters={"max_tokens": 10, "temperature": 0, "stream": True})
         pieces: list[str] = []
