@@ -40,8 +40,9 @@ class QuantizeStep(_Step):
     more)."""
     embeddings: Literal["auto", "quantize", "float"] = "auto"
     """Generation models, INT4: the token embedding table in 4-bit blocks (GatherBlockQuantized, as llama.cpp's
-    Q4_0 does) or kept in float; auto measures both and keeps float when it lowers the perplexity increase by a
-    third or more. INT8 keeps it in float (onnxruntime gathers 4-bit tables only)."""
+    Q4_0 does) or kept in float; auto measures both and keeps float only when the 4-bit table leaves the variant
+    over the perplexity budget and float lowers it (the table costs size, not speed). INT8 keeps it in float
+    (onnxruntime gathers 4-bit tables only)."""
     per_channel: bool | None = None
     """Per-channel weights; None lets the step measure both and keep the more faithful one (dynamic)."""
     calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"

@@ -2,9 +2,9 @@
 `auto` search over the INT4 algorithms for the fastest variant within the perplexity budget.
 
 Choices a step leaves to `auto` are made by measurement on the dataset's text, and the notes show every figure:
-the LM head, and the first and last decoder blocks, at INT8 or at the step's precision, and the embedding table
-at 4 bits or in float (each kept at the higher precision when that removes a third or more of the perplexity
-increase), and MatMulNBits' accuracy level (int8 activations
+the LM head, and the first and last decoder blocks, at INT8 or at the step's precision (each kept at INT8 when
+that removes a third or more of the perplexity increase), the embedding table at 4 bits or in float (float only
+when the 4-bit table leaves the variant over the budget), and MatMulNBits' accuracy level (int8 activations
 kept when at least 5% faster, within 0.01 of level 1's token agreement and within the perplexity budget: on some
 models level 4 picks wrong top tokens, microsoft/onnxruntime#29849).
 """
@@ -223,11 +223,17 @@ def _edges(job: _Job, step: QuantizeStep, name: str, folder: Path,
 
 
 def _embeddings(job: _Job, name: str, folder: Path, quantization: dict[str, Any]) -> dict[str, Any]:
-    """The embedding table back in float where that removes a third of the perplexity increase (in place)."""
+    """The embedding table back in float where the 4-bit one leaves the variant over the perplexity budget and
+    float lowers its perplexity (in place). The table costs size, not decode speed (one row per token), and in
+    float it is large (113 MB of a 135M model's 117 MB INT4 variant would be 16 MB at 4 bits): so it is kept in
+    float only when fidelity needs it, not whenever it helps."""
     high = job.work / f"{name}.float-table"
     if not with_float_table(folder, job.original, high):
         return {"chosen": quantization["embeddings"], "measured": False, "reason": "no quantized table"}
-    keep_float, figures = _higher_precision_pays(job, folder, high, 4, higher="float")
+    _, figures = _higher_precision_pays(job, folder, high, 4, higher="float")
+    low, float_ppl, base = figures["perplexity"]["int4"], figures["perplexity"]["float"], figures["original_perplexity"]
+    keep_float = low / base - 1 > job.budget.max_increase and float_ppl < low
+    figures["chosen"] = "float" if keep_float else "int4"
     figures["size_bytes"] = {"int4": _size(folder), "float": _size(high)}
     if keep_float:
         shutil.rmtree(folder)
