@@ -21,14 +21,20 @@ from app.api.deps import ModelName, Reader, Services, VariantName
 from app.api.openai import split_model
 from app.errors import InvalidInput
 from app.generation.engine import Finished, Piece
-from app.generation.sampling import DEFAULT_MAX_TOKENS, SamplingParams, parse_sampling
+from app.generation.sampling import (
+    DEFAULT_MAX_TOKENS,
+    SAMPLING_FIELDS,
+    SamplingParams,
+    parse_sampling,
+    refuse_unknown,
+)
 from app.runtime.codecs import parse_json
 from app.services.generation import Prompt, Running
 from app.services.inference import PROTOCOL_OPENAI, PROTOCOL_V2
 
 router = APIRouter(tags=["generation"])
 
-_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n"}
+_SAMPLING = SAMPLING_FIELDS
 _IGNORED = {"user", "stream_options"}
 _COMPLETION_FIELDS = {"model", "prompt", "stream", "best_of", "echo", "logprobs", "presence_penalty",
                       "frequency_penalty", "suffix", "logit_bias"} | _SAMPLING | _IGNORED
@@ -44,10 +50,7 @@ async def _body(request: Request, services: Services, fields: set[str]) -> dict[
     raw = parse_json(await read_body(request, services.settings.max_request_bytes))
     if not isinstance(raw, dict):
         raise InvalidInput("the body must be a JSON object")
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise InvalidInput(f"unknown field(s): {', '.join(repr(u[:40]) for u in unknown[:5])}",
-                           code="unknown_parameter")
+    refuse_unknown(raw, fields, "field")
     for name in ("presence_penalty", "frequency_penalty"):
         if raw.get(name) not in (None, 0, 0.0):
             raise InvalidInput(f"'{name}' is not supported (only 0)")
@@ -180,10 +183,7 @@ async def _generate(request: Request, name: str, variant: str | None, stream: bo
     parameters = raw.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")
-    unknown = sorted(set(parameters) - _GENERATE_PARAMETERS)
-    if unknown:
-        raise InvalidInput(f"unknown parameter(s): {', '.join(repr(u[:40]) for u in unknown[:5])}",
-                           code="unknown_parameter")
+    refuse_unknown(parameters, _GENERATE_PARAMETERS, "parameter")
     text = raw.get("text_input")
     if not isinstance(text, str):
         raise InvalidInput("'text_input' must be a string")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from app.errors import InvalidInput
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARACTERS = 256
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n"})
 _MAX_SEED = 2**63 - 1
 
 
@@ -90,3 +92,11 @@ def _stop(value: Any) -> tuple[str, ...]:
     if any(not s or len(s) > MAX_STOP_CHARACTERS for s in stops):
         raise InvalidInput(f"each 'stop' string must have 1 to {MAX_STOP_CHARACTERS} characters")
     return tuple(stops)
+
+
+def refuse_unknown(given: Iterable[str], allowed: Iterable[str], what: str) -> None:
+    """A 400 naming (up to five of) the names in `given` that are not `allowed`, e.g. what="field"."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise InvalidInput(f"unknown {what}(s): {', '.join(repr(u[:40]) for u in unknown[:5])}",
+                           code="unknown_parameter")

@@ -17,12 +17,11 @@ from typing import Any
 from app.api.grpc_service import inference_pb2 as pb
 from app.errors import InvalidInput
 from app.generation.engine import Finished, Piece
-from app.generation.sampling import DEFAULT_MAX_TOKENS, parse_sampling
+from app.generation.sampling import DEFAULT_MAX_TOKENS, SAMPLING_FIELDS, parse_sampling, refuse_unknown
 from app.services.generation import GenerationService, Prompt, Running
 from app.services.inference import PROTOCOL_GRPC
 
 TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
-_SETTINGS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n"}
 _INPUTS = {TEXT_INPUT, "stream", "sampling_parameters", "exclude_input_in_output"}
 _FINAL = "triton_final_response"
 
@@ -45,7 +44,7 @@ async def start(service: GenerationService, request: pb.ModelInferRequest) -> tu
         raise InvalidInput(f"'{TEXT_INPUT}' is not UTF-8") from None
     parameters = {key: _value(value) for key, value in request.parameters.items()}
     stream = bool(parameters.pop("stream", False)) or _flag(inputs.get("stream"))
-    settings = {key: value for key, value in parameters.items() if key in _SETTINGS}
+    settings = {key: value for key, value in parameters.items() if key in SAMPLING_FIELDS}
     if "sampling_parameters" in inputs:
         settings.update(_sampling_json(inputs["sampling_parameters"]))
     if isinstance(settings.get("stop"), str) and settings["stop"].startswith("["):
@@ -135,8 +134,5 @@ def _sampling_json(values: list[Any]) -> dict[str, Any]:
         raise InvalidInput("'sampling_parameters' must be a JSON object") from None
     if not isinstance(settings, dict):
         raise InvalidInput("'sampling_parameters' must be a JSON object")
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        raise InvalidInput(f"unknown sampling parameter(s): {', '.join(repr(u[:40]) for u in unknown[:5])}",
-                           code="unknown_parameter")
+    refuse_unknown(settings, SAMPLING_FIELDS, "sampling parameter")
     return settings

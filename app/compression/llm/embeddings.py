@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from app.compression.llm.forward import genai_config
+from app.compression.llm.gptq import drop_unused_initializers
 from app.compression.llm.quantize import save_folder
 
 
@@ -39,9 +40,7 @@ def with_float_table(variant: Path, original: Path, output: Path) -> bool:
     model.graph.node.remove(quantized)
     model.graph.node.insert(index, replacement)
     model.graph.initializer.append(numpy_helper.from_array(table, replacement.input[0]))
-    used = {name for node in model.graph.node for name in node.input}
-    for tensor in [t for t in model.graph.initializer if t.name not in used]:
-        model.graph.initializer.remove(tensor)
+    drop_unused_initializers(model)
     save_folder(model, variant, output)
     return True
 

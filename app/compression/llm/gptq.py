@@ -40,12 +40,10 @@ def calibrate(model: onnx.ModelProto, folder: Path, sequences: list[list[int]], 
 
 
 def quantize_model(model: onnx.ModelProto, sums: dict[str, np.ndarray], *, bits: int, block_size: int,
-                   only: set[str] | None = None, exclude: frozenset[str] = frozenset(),
-                   check: Callable[[], None] | None = None) -> None:
-    """The weighted MatMuls of `model` (loaded with its weights), all or `only` these names, but `exclude`, as
-    MatMulNBits by GPTQ with the Hessians of `calibrate`, in place."""
-    nodes = [node for node in weighted_matmuls(model) if node.name not in exclude and (only is None or
-                                                                                        node.name in only)]
+                   only: set[str] | None = None, check: Callable[[], None] | None = None) -> None:
+    """The weighted MatMuls of `model` (loaded with its weights), all or `only` these names, as MatMulNBits by
+    GPTQ with the Hessians of `calibrate`, in place."""
+    nodes = [node for node in weighted_matmuls(model) if only is None or node.name in only]
     initializers = {t.name: t for t in model.graph.initializer}
     for node in nodes:
         if check is not None:
@@ -60,6 +58,10 @@ def quantize_model(model: onnx.ModelProto, sums: dict[str, np.ndarray], *, bits:
         model.graph.node.remove(node)
         model.graph.node.insert(index, replacement)
         model.graph.initializer.extend(tensors)
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input}
     for tensor in [t for t in model.graph.initializer if t.name not in used]:
         model.graph.initializer.remove(tensor)

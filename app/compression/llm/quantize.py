@@ -49,8 +49,9 @@ class QuantizedBody:
     bits: int
     algorithm: str
     block_size: int
-    head_hessian: np.ndarray | None = None
-    """GPTQ's Hessian of the head's input, so that the head is quantized by GPTQ too."""
+    hessians: dict[str, np.ndarray] | None = None
+    """GPTQ's Hessians of the decoder's MatMul inputs: the head is quantized by GPTQ too, and another body of
+    the same model (edge blocks at INT8) needs no second calibration."""
     edge_bits: int | None = None
     """The precision of the first and last decoder blocks where it differs from `bits`."""
 
@@ -58,6 +59,7 @@ class QuantizedBody:
 def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
                   calibration: list[list[int]] | None, threads: int = 1, embeddings: bool = True,
                   edge_bits: int | None = None, scratch: Path | None = None,
+                  hessians: dict[str, np.ndarray] | None = None,
                   check: Callable[[], None] | None = None) -> QuantizedBody:
     """Every MatMul but the LM head by `algorithm`; with `edge_bits`, those of the first and last decoder blocks at
     that precision instead (GPTQ for gptq, else round to nearest); at 4 bits and with `embeddings`, the embedding
@@ -79,9 +81,7 @@ def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
     sums: dict[str, np.ndarray] = {}
     if algorithm == "gptq":
         assert calibration is not None
-        sums = gptq.calibrate(model, source, calibration, threads=threads, scratch=scratch, check=check)
-    head_node = next((n for n in model.graph.node if n.name == head), None)
-    head_hessian = sums.get(head_node.input[0]) if head_node is not None else None
+        sums = hessians or gptq.calibrate(model, source, calibration, threads=threads, scratch=scratch, check=check)
     hidden = [_hide_weight(model, name) for name in [head, *sorted(edges)] if name is not None]
     if algorithm == "gptq":
         gptq.quantize_model(model, sums, bits=bits, block_size=block_size, check=check)
@@ -108,7 +108,7 @@ def quantize_body(source: Path, *, bits: int, algorithm: str, block_size: int,
         quantized = tables.model.model
     if head is not None:
         _restore_weight(quantized, hidden[0])
-    return QuantizedBody(quantized, head, bits, algorithm, block_size, head_hessian if algorithm == "gptq" else None,
+    return QuantizedBody(quantized, head, bits, algorithm, block_size, sums or None,
                          edge_bits=edge_bits if edges else None)
 
 
@@ -147,10 +147,8 @@ def write_variant(body: QuantizedBody, source: Path, output: Path, *, head_bits:
 
     model = onnx.ModelProto()
     model.CopyFrom(body.model)
-    if body.head is not None and head_bits is not None and body.head_hessian is not None:
-        head = next(n for n in model.graph.node if n.name == body.head)
-        gptq.quantize_model(model, {head.input[0]: body.head_hessian}, bits=head_bits, block_size=body.block_size,
-                            only={body.head})
+    if body.head is not None and head_bits is not None and body.hessians is not None:
+        gptq.quantize_model(model, body.hessians, bits=head_bits, block_size=body.block_size, only={body.head})
     elif body.head is not None and head_bits is not None:
         head_quantizer = MatMulNBitsQuantizer(model, bits=head_bits, block_size=body.block_size, is_symmetric=True,
                                               nodes_to_include=[body.head], op_types_to_quantize=("MatMul",))

@@ -166,7 +166,7 @@ def _build(job: _Job, step: QuantizeStep, start: float, end: float) -> tuple[str
     folder, notes["quantization"] = _head(job, body, step, name, bits, notes)
     if bits == 4 and step.edge_blocks != "quantize":
         job.progress(start + (end - start) * 0.5, f"{name}: first and last blocks at INT8")
-        folder, notes["quantization"] = _edges(job, step, name, folder, notes)
+        folder, notes["quantization"] = _edges(job, step, name, body, folder, notes)
     if step.embeddings == "auto" and notes["quantization"]["embeddings"] != "float":
         job.progress(start + (end - start) * 0.6, f"{name}: the embedding table in float")
         notes["embeddings"] = _embeddings(job, name, folder, notes["quantization"])
@@ -191,7 +191,7 @@ def _head(job: _Job, body: QuantizedBody, step: QuantizeStep, name: str, bits: i
     return (high, high_notes) if keep_high else (low, low_notes)
 
 
-def _edges(job: _Job, step: QuantizeStep, name: str, folder: Path,
+def _edges(job: _Job, step: QuantizeStep, name: str, quantized: QuantizedBody, folder: Path,
            notes: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The first and last decoder blocks at INT8 where the step says so, or where auto measures it pays."""
     quantization: dict[str, Any] = notes["quantization"]
@@ -204,7 +204,7 @@ def _edges(job: _Job, step: QuantizeStep, name: str, folder: Path,
     body = quantize_body(job.original, bits=4, algorithm=quantization["algorithm"], block_size=step.block_size,
                          calibration=job.texts.calibration, threads=job.threads,
                          embeddings=step.embeddings != "float", edge_bits=8, scratch=job.work,
-                         check=job.check)
+                         hessians=quantized.hessians, check=job.check)
     head_bits = {"float": None, "int8": 8, "int4": 4}[quantization["lm_head"]]
     high = job.work / f"{name}.edges8"
     high_notes = write_variant(body, job.original, high, head_bits=head_bits)
