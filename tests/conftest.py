@@ -140,3 +140,11 @@ def torch_model_files(tmp_path_factory: pytest.TempPathFactory, torch_process: T
     from tests import torch_files
 
     return torch_process.call(torch_files.build, tmp_path_factory.mktemp("torch"))
+
+
+@pytest.fixture(scope="session")
+def keras_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Keras models saved by Keras (.keras and .h5), Keras' own answers, and a hostile Lambda file; built once."""
+    from tests import keras_files
+
+    return keras_files.build_in_child(tmp_path_factory.mktemp("keras"))

@@ -27,7 +27,7 @@ from app.errors import (
     UnsupportedFormat,
     VariantNotFound,
 )
-from app.formats import archives, huggingface, torch_archive
+from app.formats import archives, huggingface, keras_file, torch_archive
 from app.formats import datasets as dataset_format
 from app.formats.onnx_model import external_files, inspect_onnx, onnx_proto, smoke_test
 from app.formats.torch_inputs import parse_input_shapes
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MODEL_SUFFIX = ".onnx"
+# The file a converting model was uploaded as, by its format.
+SOURCE_SUFFIXES = {**torch_archive.SUFFIXES, **keras_file.SUFFIXES}
 DATASET_SUFFIX = ".npz"
 ORIGINAL = "original"
 CONVERTING = "converting"
@@ -109,6 +111,12 @@ class ModelService:
                 raise Conflict(f"a model named '{name}' already exists", code="name_taken")
         model_label = display_name(model.filename, "the model file")
         model.temp.close()
+        keras_kind = keras_file.sniff(model.temp.path, model.filename, model_label)
+        if keras_kind is not None:
+            if input_shapes is not None or task is not None:
+                raise InvalidContent("'input_shapes' and 'task' do not apply to Keras files: a Keras model declares "
+                                     "its inputs")
+            return self._create_keras(name, model, model_label, keras_kind, samples, after_conversion)
         kind = archives.kind_of(model.temp.path)
         if kind is not None and not (kind == "zip" and torch_archive.is_torch_zip(model.temp.path)):
             if input_shapes is not None:
@@ -167,6 +175,7 @@ class ModelService:
                                        free_bytes=self._store.free_bytes)
             model.temp.discard()  # unpacked: the archive itself is no longer needed
             root = unpacked.root
+            keras_file.refuse_saved_model(root, label)
             if huggingface.is_huggingface(root):
                 if samples is not None:
                     raise InvalidContent("'samples' cannot come with a Hugging Face folder: upload a text dataset "
@@ -251,10 +260,28 @@ class ModelService:
             raise InvalidContent(f"{label} is TorchScript, which records no input shapes: send 'samples' (an .npz "
                                  "with one array per input) or 'input_shapes' (JSON {input: [dims]})",
                                  code="example_inputs_required")
+        return self._queue_conversion(name, model, label, archive.kind, torch_archive.SUFFIXES[archive.kind],
+                                      samples, {"input_shapes": shapes}, after_conversion)
+
+    def _create_keras(self, name: str, model: IncomingFile, label: str, kind: str, samples: IncomingFile | None,
+                      after_conversion: dict[str, Any] | None) -> ModelRow:
+        """Vet the Keras file here (its config against the allowlist, in pure Python); a job converts it."""
+        scratch = self._store.temp_path(".keras-vet")
+        scratch.mkdir()
+        try:
+            summary = keras_file.vet(model.temp.path, kind, label, scratch)
+        finally:
+            archives.remove(scratch)
+        return self._queue_conversion(name, model, label, kind, keras_file.SUFFIXES[kind], samples,
+                                      {"keras": summary.to_json()}, after_conversion)
+
+    def _queue_conversion(self, name: str, model: IncomingFile, label: str, kind: str, suffix: str,
+                          samples: IncomingFile | None, details: dict[str, Any],
+                          after_conversion: dict[str, Any] | None) -> ModelRow:
+        """Store the vetted source file (and samples) and queue the job that converts it to ONNX."""
         conversion: dict[str, Any] = {
-            "source_format": archive.kind, "filename": label.strip("'") if label.startswith("'") else None,
-            "input_shapes": shapes, "state": "queued"}
-        suffix = torch_archive.SUFFIXES[archive.kind]
+            "source_format": kind, "filename": label.strip("'") if label.startswith("'") else None,
+            **details, "state": "queued"}
         stored = [(model.temp.sha256, suffix)]
         if samples is not None:
             samples.temp.close()
@@ -270,17 +297,16 @@ class ModelService:
         if samples is not None:
             self._store.commit(samples.temp, DATASET_SUFFIX)
         row = ModelRow(
-            name=name, state=CONVERTING, format=archive.kind, sha256=model.temp.sha256,
+            name=name, state=CONVERTING, format=kind, sha256=model.temp.sha256,
             size_bytes=source_path.stat().st_size, opset=None, parameters=None, inputs=[], outputs=[], warnings=[],
             routing={"default": ORIGINAL, "canary": None, "shadow": None}, config={"conversion": conversion},
         )
-        job = JobRow(id=str(uuid.uuid4()), model_name=name, recipe={"convert": archive.kind}, preset=CONVERT,
+        job = JobRow(id=str(uuid.uuid4()), model_name=name, recipe={"convert": kind}, preset=CONVERT,
                      variant=ORIGINAL, promote=False, state="queued", progress=0.0, stage="queued", attempts=0,
                      cancel_requested=False)
         self._insert(row, stored, job)
         self._enqueue(job.id)
-        log.info("model %s uploaded as %s (%d bytes); conversion job %s queued", name, archive.kind,
-                 row.size_bytes, job.id)
+        log.info("model %s uploaded as %s (%d bytes); conversion job %s queued", name, kind, row.size_bytes, job.id)
         return self.get(name)
 
     def _insert(self, row: ModelRow, stored: list[tuple[str, str]], job: JobRow | None = None) -> None:
@@ -543,9 +569,9 @@ def _conversion_files(row: ModelRow) -> list[tuple[str, str]]:
     if row.format == HUGGINGFACE:
         tokenizer = ((row.config or {}).get("text") or {}).get("tokenizer_sha256")
         return [(row.sha256, HF_FOLDER)] + ([(tokenizer, TOKENIZER_SUFFIX)] if tokenizer else [])
-    if row.format not in torch_archive.SUFFIXES:
+    if row.format not in SOURCE_SUFFIXES:
         return []
-    files = [(row.sha256, torch_archive.SUFFIXES[row.format])]
+    files = [(row.sha256, SOURCE_SUFFIXES[row.format])]
     samples = (row.config or {}).get("conversion", {}).get("samples_sha256")
     if samples:
         files.append((samples, DATASET_SUFFIX))

@@ -1,4 +1,5 @@
-"""Conversion jobs: a PyTorch upload becomes its model's original ONNX variant, checked against PyTorch."""
+"""Conversion jobs: a PyTorch, Keras or Hugging Face upload becomes its model's original ONNX variant, checked
+against the framework it came from."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from app.compression.errors import Cancelled, CompressionError
 from app.errors import SlimServeError
 from app.formats import datasets as dataset_format
 from app.formats.huggingface import GENERATION, HuggingFaceFolder
+from app.formats.keras_file import KERAS, KERAS_H5
 from app.formats.onnx_model import OnnxInfo, inspect_onnx
-from app.formats.torch_archive import SUFFIXES
 from app.runtime.datatypes import TensorSpec
 from app.services.models import (
     CONVERTING,
@@ -26,6 +27,7 @@ from app.services.models import (
     HUGGINGFACE,
     MODEL_SUFFIX,
     ORIGINAL,
+    SOURCE_SUFFIXES,
     commit_onnx,
     dataset_row,
 )
@@ -60,14 +62,19 @@ class ConversionRunner:
             if model.format == HUGGINGFACE:
                 return self._run_huggingface(job, model, progress)
             conversion = dict((model.config or {}).get("conversion") or {})
-            source = pin(self._store.local(model.sha256, SUFFIXES[model.format]))
+            source = pin(self._store.local(model.sha256, SOURCE_SUFFIXES[model.format]))
             samples_sha = conversion.get("samples_sha256")
             samples_path = pin(self._store.local(samples_sha, DATASET_SUFFIX)) if samples_sha else None
             kind = model.format
             label = f"'{conversion['filename']}'" if conversion.get("filename") else "the model file"
         samples = dataset_format.read_arrays(samples_path, display_name="the samples") if samples_path else None
-        result = convert(source, kind, output, label=label, samples=samples,
-                         input_shapes=conversion.get("input_shapes"), progress=progress)
+        if kind in (KERAS, KERAS_H5):
+            from app.formats import keras_convert
+
+            result = keras_convert.convert(source, output, label=label, samples=samples, progress=progress)
+        else:
+            result = convert(source, kind, output, label=label, samples=samples,
+                             input_shapes=conversion.get("input_shapes"), progress=progress)
         progress(0.95, "checking the ONNX model")
         info, session_ort = inspect_onnx(output, display_name=f"the ONNX model converted from {label}",
                                          providers=["CPUExecutionProvider"])
