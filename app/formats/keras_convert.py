@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,21 +26,20 @@ _REFUSED = 3
 TIMEOUT_SECONDS = 3600
 
 
-def convert(source: Path, output: Path, *, label: str, samples: dict[str, np.ndarray] | None,
+def convert(source: Path, kind: str, output: Path, *, label: str, samples: Path | None,
             progress: Progress) -> Conversion:
+    """`samples`: an .npz keyed by the Keras input names, whose rows the check uses instead of random ones."""
     progress(0.05, "exporting the Keras model")
     with tempfile.TemporaryDirectory(prefix="keras-", dir=output.parent) as scratch_name:
         scratch = Path(scratch_name)
         check_path = scratch / "check.npz"
         # Keras picks its reader by the file's extension; the store names files by content hash.
-        kind = keras_file.sniff(source, source.name, label) or keras_file.KERAS
         named = scratch / f"model{keras_file.SUFFIXES[kind]}"
-        shutil.copyfile(source, named)
+        named.symlink_to(source.resolve())
         command = [sys.executable, "-I", str(_CHILD), "--source", str(named), "--output", str(output),
                    "--check", str(check_path)]
-        if samples:
-            np.savez(scratch / "samples.npz", **samples)  # type: ignore[arg-type]
-            command += ["--samples", str(scratch / "samples.npz")]
+        if samples is not None:
+            command += ["--samples", str(samples)]
         environment = {key: value for key, value in os.environ.items() if not key.startswith("KERAS")}
         environment.update(KERAS_BACKEND="torch", KERAS_HOME=str(scratch / "keras-home"),
                            TF_CPP_MIN_LOG_LEVEL="3", ORT_DISABLE_TELEMETRY="1")
@@ -64,7 +62,7 @@ def convert(source: Path, output: Path, *, label: str, samples: dict[str, np.nda
         session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise InvalidContent(f"the ONNX model converted from {label} does not load: {first_line(exc)}") from None
-    worst, rows, notes = 0.0, 0, []
+    worst, rows = 0.0, 0
     for case in summary["cases"]:
         feeds = {name: arrays[f"{case}.in.{name}"] for name in summary["inputs"]}
         try:
@@ -84,6 +82,5 @@ def convert(source: Path, output: Path, *, label: str, samples: dict[str, np.nda
                                      f"output {name!r} ({case} inputs); it was not accepted")
             worst = max(worst, error)
         rows += next(iter(feeds.values())).shape[0]
-        notes.append(case)
     return Conversion(max_abs_error=worst, rows_checked=rows, dynamic_axes=summary["dynamic_axes"],
                       exporter=f"keras {summary['keras_version']} (torch backend) -> torch.export -> ONNX")

@@ -1,5 +1,5 @@
 # mypy: ignore-errors
-# (a script for the child process: onnxscript's op stubs and Keras are untyped where it meets them)
+# (a script for the child process: onnxscript's ops and Keras' backend functions carry no usable types)
 """A vetted Keras file -> ONNX, run as a child process by `keras_convert` and never imported by the app.
 
 It runs as `python -I keras_export.py ...`: isolated (no PYTHONPATH, no user site, not even the script's folder on
@@ -88,6 +88,7 @@ def _patch_keras_recurrent() -> None:
     from keras.src.backend.torch.core import convert_to_tensor
 
     lstm_op, gru_op = _recurrent_ops()
+    keras_lstm, keras_gru = torch_rnn.lstm, torch_rnn.gru
 
     def gates(matrix: torch.Tensor, order: tuple[int, ...], count: int) -> torch.Tensor:
         size = matrix.shape[-1] // count
@@ -95,8 +96,9 @@ def _patch_keras_recurrent() -> None:
 
     def lstm(inputs, initial_state_h, initial_state_c, mask, kernel, recurrent_kernel, bias, activation,  # type: ignore[no-untyped-def]
              recurrent_activation, return_sequences=False, go_backwards=False, unroll=False, batch_first=True):
-        if mask is not None:
-            raise NotImplementedError  # Keras falls back to its own loop
+        if mask is not None:  # Keras' own path; its time loop makes the export refuse a dynamic length
+            return keras_lstm(inputs, initial_state_h, initial_state_c, mask, kernel, recurrent_kernel, bias,
+                              activation, recurrent_activation, return_sequences, go_backwards, unroll, batch_first)
         kernel, recurrent = convert_to_tensor(kernel), convert_to_tensor(recurrent_kernel)
         hidden = recurrent.shape[0]
         x = convert_to_tensor(inputs).to(kernel.dtype)
@@ -112,8 +114,9 @@ def _patch_keras_recurrent() -> None:
 
     def gru(inputs, initial_state, mask, kernel, recurrent_kernel, bias, activation, recurrent_activation,  # type: ignore[no-untyped-def]
             return_sequences=False, go_backwards=False, unroll=False, reset_after=True):
-        if mask is not None or not reset_after:
-            raise NotImplementedError
+        if mask is not None or not reset_after:  # Keras' own path, as for lstm
+            return keras_gru(inputs, initial_state, mask, kernel, recurrent_kernel, bias, activation,
+                             recurrent_activation, return_sequences, go_backwards, unroll, reset_after)
         kernel, recurrent = convert_to_tensor(kernel), convert_to_tensor(recurrent_kernel)
         hidden = recurrent.shape[0]
         x = convert_to_tensor(inputs).to(kernel.dtype)

@@ -71,7 +71,8 @@ class ConversionRunner:
         if kind in (KERAS, KERAS_H5):
             from app.formats import keras_convert
 
-            result = keras_convert.convert(source, output, label=label, samples=samples, progress=progress)
+            result = keras_convert.convert(source, kind, output, label=label, samples=samples_path,
+                                           progress=progress)
         else:
             result = convert(source, kind, output, label=label, samples=samples,
                              input_shapes=conversion.get("input_shapes"), progress=progress)

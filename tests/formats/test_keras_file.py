@@ -118,7 +118,8 @@ def test_tensorflow_formats_are_refused_with_what_to_do(tmp_path: Path) -> None:
 def test_conversion_matches_keras_at_unseen_batch_and_length(keras_model_files: dict[str, Path], tmp_path: Path,
                                                             name: str) -> None:
     output = tmp_path / "model.onnx"
-    result = keras_convert.convert(keras_model_files[name], output, label=name, samples=None,
+    kind = keras_file.KERAS_H5 if name.endswith(".h5") else keras_file.KERAS
+    result = keras_convert.convert(keras_model_files[name], kind, output, label=name, samples=None,
                                    progress=lambda _share, _stage: None)
     assert result.max_abs_error < 1e-4 and result.rows_checked > 0
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
